@@ -133,6 +133,16 @@ def test_expert_demos_succeed_and_are_cached(tmp_path):
     np.testing.assert_array_equal(demos["frames"], again["frames"])
 
 
+def test_corrupt_demo_cache_is_a_clear_error(tmp_path):
+    args = tiny_args(tmp_path)
+    path = vdr.cache_path(args, "demos", ".npz", task=args.task, episodes=args.episodes,
+                          image_size=args.image_size, camera=args.camera, episode_length=args.episode_length)
+    path.parent.mkdir(parents=True)
+    path.write_bytes(b"not an npz file")
+    with pytest.raises(vdr.VdrError, match="unreadable .*delete that file and run again"):
+        vdr.collect_demos(args, progress=False)
+
+
 def test_collect_cli_writes_metrics_and_a_frame_strip(tmp_path):
     args = tiny_args(tmp_path, episode_length=100, episodes=2)
     assert vdr.main(["collect", "--episodes", "2", "--episode-length", "100", "--cache-dir", args.cache_dir,

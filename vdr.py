@@ -238,7 +238,7 @@ class Logger:
     Metric names are grouped as in CleanRL: charts/..., losses/..., eval/..."""
 
     def __init__(self, out: Path):
-        self.file = open(Path(out) / "log.jsonl", "a")
+        self.file = open(Path(out) / "log.jsonl", "w")  # a new run starts a new log
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out))
@@ -423,8 +423,12 @@ def collect_demos(args: Args, task: str | None = None, progress: bool = True) ->
     path = cache_path(args, "demos", ".npz", task=task, episodes=args.episodes, image_size=args.image_size,
                       camera=args.camera, episode_length=args.episode_length)
     if path.exists():
-        with np.load(path) as data:
-            return {k: (str(data[k]) if k == "prompt" else data[k]) for k in data.files}
+        try:
+            with np.load(path) as data:
+                return {k: (str(data[k]) if k == "prompt" else data[k]) for k in data.files}
+        except Exception as err:  # atomic writes never leave a partial file, but disks and hands do
+            raise VdrError(f"cached demos {path} are unreadable ({type(err).__name__}); "
+                           "delete that file and run again") from None
     expert, episodes = expert_policy(task), []
     with MetaWorld(task, args.image_size, args.camera, args.episode_length) as env:
         bar = tqdm(range(args.episodes), desc=f"collect {task}", disable=not progress)
