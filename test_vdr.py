@@ -245,3 +245,12 @@ def test_same_seed_same_numbers(tmp_path):
     assert any("losses/qf1_loss" in r for r in logs[0])
     assert logs[0] == logs[1]
     assert logs[0] != logs[2]
+
+
+def test_every_vdr_name_the_notebook_uses_exists():
+    import re
+    from pathlib import Path
+    notebook = json.loads((Path(__file__).parent / "tutorial.ipynb").read_text())
+    code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
+    names = set(re.findall(r"\bvdr\.(\w+)", code))
+    assert names and all(hasattr(vdr, n) for n in names), sorted(n for n in names if not hasattr(vdr, n))

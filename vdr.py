@@ -660,53 +660,51 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
 
     out = Path(out or default_out(args, "train"))
     out.mkdir(parents=True, exist_ok=True)
-    rng = seed_everything(args.seed)
-    env, eval_env = make_env(args), make_env(args)
-    obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
-    agent = SAC(obs_dim, act_dim, args)
-    rb = ReplayBuffer(obs_dim, act_dim, min(args.buffer_size, args.steps), rng)
-    logger = Logger(out)
     write_json(out / "args.json", dataclasses.asdict(args))
+    rng = seed_everything(args.seed)
+    with make_env(args) as env, make_env(args) as eval_env:
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        agent = SAC(obs_dim, act_dim, args)
+        rb = ReplayBuffer(obs_dim, act_dim, min(args.buffer_size, args.steps), rng)
+        logger = Logger(out)
+        curve, episode, eval_time, start = [], None, 0.0, time.time()
+        bar = tqdm(range(args.steps), desc=f"train {args.task} [{args.reward}]", disable=not progress)
+        for global_step in bar:
+            if episode is None:  # start an episode from a fresh seeded initial state
+                obs, _ = env.reset(seed=int(rng.integers(DEMO_SEED0)))
+                episode = {k: [] for k in ("obs", "actions", "env_rewards", "success", "next_obs", "dones")}
+            if global_step < args.learning_starts:
+                action = rng.uniform(-1, 1, act_dim).astype(np.float32)  # uniform exploration (CleanRL)
+            else:
+                action = agent.act(obs)
+            next_obs, reward, terminated, truncated, info = env.step(action)
+            for k, v in zip(episode, (obs, action, reward, info["success"] > 0, next_obs, float(terminated))):
+                episode[k].append(v)
+            obs = next_obs
 
-    curve, episode, metrics, eval_time = [], None, {}, 0.0
-    start = time.time()
-    bar = tqdm(range(args.steps), desc=f"train {args.task} [{args.reward}]", disable=not progress)
-    for global_step in bar:
-        if episode is None:  # start an episode from a fresh seeded initial state
-            obs, _ = env.reset(seed=int(rng.integers(DEMO_SEED0)))
-            episode = {k: [] for k in ("obs", "actions", "env_rewards", "success", "next_obs", "dones")}
-        if global_step < args.learning_starts:
-            action = rng.uniform(-1, 1, act_dim).astype(np.float32)  # uniform exploration (CleanRL)
-        else:
-            action = agent.act(obs)
-        next_obs, reward, terminated, truncated, info = env.step(action)
-        for k, v in zip(episode, (obs, action, reward, info["success"] > 0, next_obs, float(terminated))):
-            episode[k].append(v)
-        obs = next_obs
+            if terminated or truncated:  # score the finished episode, then store its transitions
+                ep = {k: np.array(v) for k, v in episode.items()}
+                rb.add(ep["obs"], ep["actions"], episode_rewards(args, ep), ep["next_obs"], ep["dones"])
+                logger.log(global_step, {"charts/episodic_return": float(ep["env_rewards"].sum()),
+                                         "charts/episodic_success": float(ep["success"].any())})
+                episode = None
 
-        if terminated or truncated:  # score the finished episode, then store its transitions
-            ep = {k: np.array(v) for k, v in episode.items()}
-            rb.add(ep["obs"], ep["actions"], episode_rewards(args, ep), ep["next_obs"], ep["dones"])
-            logger.log(global_step, {"charts/episodic_return": float(ep["env_rewards"].sum()),
-                                     "charts/episodic_success": float(ep["success"].any())})
-            episode = None
+            if global_step >= args.learning_starts and len(rb) >= args.batch_size:
+                losses = agent.update(rb.sample(args.batch_size), global_step)
+                if global_step % 100 == 0:  # log every 100 steps, as CleanRL does
+                    sps = (global_step + 1) / (time.time() - start - eval_time)
+                    logger.log(global_step, losses | {"charts/SPS": sps})
 
-        if global_step >= args.learning_starts and len(rb) >= args.batch_size:
-            metrics = agent.update(rb.sample(args.batch_size), global_step)
-            if global_step % 100 == 0:  # log every 100 steps, as CleanRL does
-                sps = (global_step + 1) / (time.time() - start - eval_time)
-                logger.log(global_step, metrics | {"charts/SPS": sps})
+            if (global_step + 1) % args.eval_every == 0 or global_step + 1 == args.steps:
+                t0 = time.time()
+                result = evaluate(agent, eval_env, args.eval_episodes)
+                eval_time += time.time() - t0
+                curve.append({"env_steps": global_step + 1, **result})
+                logger.log(global_step + 1, result)
+                bar.set_postfix(success=f"{result['eval/success']:.2f}", ret=f"{result['eval/return']:.0f}")
+        wall = time.time() - start
+        logger.close()
 
-        if (global_step + 1) % args.eval_every == 0 or global_step + 1 == args.steps:
-            t0 = time.time()
-            result = evaluate(agent, eval_env, args.eval_episodes)
-            eval_time += time.time() - t0
-            curve.append({"env_steps": global_step + 1, **result})
-            logger.log(global_step + 1, result)
-            bar.set_postfix(success=f"{result['eval/success']:.2f}", ret=f"{result['eval/return']:.0f}")
-
-    wall = time.time() - start
-    env.close(); eval_env.close(); logger.close()
     atomic_write(out / "agent.pt", lambda tmp: torch.save(agent.state_dict(), tmp))
     metrics = {"task": args.task, "reward": args.reward, "seed": args.seed,
                "eval_success": curve[-1]["eval/success"], "eval_return": curve[-1]["eval/return"],
@@ -718,21 +716,21 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
 
 
 def plot_learning_curve(curve: list[dict], path: Path, title: str) -> Path:
-    import matplotlib
-    matplotlib.use("Agg")  # no display: render straight to a file
-    import matplotlib.pyplot as plt
+    """Two panels, eval success and eval return against env steps, saved as a PNG."""
+    # A bare Figure, not pyplot: draws to a file without touching the session's backend (a notebook's
+    # inline plots keep working after train() has run).
+    from matplotlib.figure import Figure
 
     steps = [c["env_steps"] for c in curve]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    fig = Figure(figsize=(9, 3.2))
+    ax1, ax2 = fig.subplots(1, 2)
     ax1.plot(steps, [c["eval/success"] for c in curve], marker="o")
     ax1.set(xlabel="env steps", ylabel="eval success rate", ylim=(-0.05, 1.05))
     ax2.plot(steps, [c["eval/return"] for c in curve], marker="o", color="tab:orange")
     ax2.set(xlabel="env steps", ylabel="eval return (env reward)")
     fig.suptitle(title)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
-    plt.close(fig)
-    return path
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
 def collect(args: Args, out: Path | None = None) -> dict:
