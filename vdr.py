@@ -234,7 +234,7 @@ def cache_path(args: Args, kind: str, suffix: str, **inputs) -> Path:
 
 
 class Logger:
-    """Appends {"step": s, **metrics} lines to log.jsonl (and to TensorBoard when it is installed).
+    """Writes {"step": s, **metrics} lines to out/log.jsonl (and to TensorBoard when it is installed).
     Metric names are grouped as in CleanRL: charts/..., losses/..., eval/..."""
 
     def __init__(self, out: Path):
@@ -342,8 +342,9 @@ class MetaWorld:
         self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
 
-    def reset(self, seed: int):
-        self.sawyer.seed(seed)  # Meta-World ignores reset(seed=...): it reads its own seeded generator
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        if seed is not None:  # Meta-World ignores reset(seed=...): it reads its own seeded generator
+            self.sawyer.seed(seed)
         obs, info = self.sawyer.reset()
         self.t = 0
         return obs.astype(np.float32), info
