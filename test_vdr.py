@@ -134,10 +134,9 @@ def test_expert_demos_succeed_and_are_cached(tmp_path):
 
 
 def test_corrupt_demo_cache_is_a_clear_error(tmp_path):
-    args = tiny_args(tmp_path)
-    path = vdr.cache_path(args, "demos", ".npz", task=args.task, episodes=args.episodes,
-                          image_size=args.image_size, camera=args.camera, episode_length=args.episode_length)
-    path.parent.mkdir(parents=True)
+    args = tiny_args(tmp_path, episodes=1, episode_length=5)
+    vdr.collect_demos(args, progress=False)
+    (path,) = (tmp_path / "cache" / "demos").iterdir()
     path.write_bytes(b"not an npz file")
     with pytest.raises(vdr.VdrError, match="unreadable .*delete that file and run again"):
         vdr.collect_demos(args, progress=False)
@@ -150,6 +149,178 @@ def test_collect_cli_writes_metrics_and_a_frame_strip(tmp_path):
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["success_rate"] == 1.0 and metrics["episodes"] == 2
     assert (tmp_path / "out" / "demo_strip.png").stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------------
+# 3. Video diffusion
+# ---------------------------------------------------------------------------------------------------
+# Tiny configs, in the style of diffusers' own tests: the same classes, a few thousand parameters.
+TINY_VAE = dict(vdr.TOY_VAE_CONFIG, block_out_channels=(8, 8, 8), latent_channels=4, norm_num_groups=2)
+TINY_DIT = dict(vdr.TOY_DIT_CONFIG, num_attention_heads=2, attention_head_dim=8, num_layers=1, time_embed_dim=16,
+                in_channels=8, out_channels=4)
+
+
+@pytest.fixture
+def tiny_video_models(monkeypatch):
+    """Shrink the toy model's configs and the pretraining task list for the test's duration."""
+    monkeypatch.setattr(vdr, "TOY_VAE_CONFIG", TINY_VAE)
+    monkeypatch.setattr(vdr, "TOY_DIT_CONFIG", TINY_DIT)
+    monkeypatch.setattr(vdr, "PRETRAIN_TASKS", ("reach-v3", "drawer-open-v3"))
+
+
+def video_args(tmp_path, **overrides):
+    return tiny_args(tmp_path, **{**dict(video_frames=9, pretrain_episodes=2, clip_steps=2, vae_steps=2,
+                                          dit_steps=2, finetune_steps=2, sample_steps=2, eval_videos=2), **overrides})
+
+
+@pytest.mark.parametrize("frames", [1, 9, 17])
+def test_vae_latent_shapes_for_8k_plus_1_frames(frames):
+    from diffusers import AutoencoderKLCogVideoX
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(**TINY_VAE).eval()
+    video = torch.rand(2, 3, frames, 64, 64) * 2 - 1  # (B, 3, F, H, W)
+    with torch.no_grad():
+        latents = vdr.vae_encode(vae, video)
+        assert latents.shape == (2, (frames - 1) // 4 + 1, 4, 16, 16)  # (B, k+1, C, H/4, W/4)
+        assert vdr.vae_decode(vae, latents).shape == video.shape
+        assert torch.equal(latents, vdr.vae_encode(vae, video))  # the posterior mean: deterministic
+
+
+def test_video_frames_must_be_8k_plus_1(capsys):
+    assert vdr.main(["goal", "--video-frames", "13"]) == 2
+    assert "8k+1" in capsys.readouterr().err
+
+
+def test_resample_and_video_tensor_round_trip():
+    frames = np.random.default_rng(0).integers(0, 256, (2, 5, 8, 8, 3), dtype=np.uint8)
+    assert np.array_equal(vdr.to_frames(vdr.to_video_tensor(frames)), frames)
+    assert vdr.to_video_tensor(frames).shape == (2, 3, 5, 8, 8)
+    assert list(vdr.resample(np.arange(151), 5)) == [0, 38, 75, 112, 150]  # first and last frame kept
+
+
+def test_one_dit_step_lowers_the_loss_on_a_fixed_batch():
+    from diffusers import CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    torch.manual_seed(0)
+    dit, scheduler = CogVideoXTransformer3DModel(**TINY_DIT), CogVideoXDDIMScheduler(**vdr.SCHEDULER_CONFIG)
+    latents, image_latents = torch.randn(4, 3, 4, 16, 16), torch.randn(4, 1, 4, 16, 16)
+    prompt_embeds = torch.randn(4, 16, TINY_DIT["text_embed_dim"])
+    loss = lambda: vdr.diffusion_loss(dit, scheduler, latents, image_latents, prompt_embeds,
+                                      torch.Generator().manual_seed(0))  # the same noise and timesteps
+    opt = torch.optim.Adam(dit.parameters(), lr=1e-3)
+    before = loss()
+    before.backward(); opt.step()
+    assert loss().item() < before.item()
+
+
+def test_fit_resumes_where_it_stopped(tmp_path, monkeypatch):
+    """An interrupted training run, resumed, ends with the same weights as an uninterrupted one."""
+    monkeypatch.setattr(vdr, "SAVE_EVERY", 2)
+    x = torch.randn(64, 3)
+
+    def run(state, crash_at=None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        calls = [0]
+
+        def loss(gen):
+            calls[0] += 1
+            if calls[0] == crash_at:
+                raise KeyboardInterrupt
+            i = torch.randint(64, (8,), generator=gen)
+            return (model(x[i]) - x[i].sum(1, keepdim=True)).pow(2).mean()
+        vdr.fit(model, loss, 7, 0.1, seed=0, state=state, desc="t", progress=False)
+        return model.weight.detach().clone()
+
+    reference = run(tmp_path / "a.state")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.state", crash_at=6)  # steps 0-4 done; a state saved after step 4
+    assert (tmp_path / "b.state").exists()
+    assert torch.equal(run(tmp_path / "b.state"), reference)
+    assert not (tmp_path / "b.state").exists()
+
+
+def test_frame_stages_and_captions():
+    success = np.array([False] * 6 + [True] * 3)  # solved from step 7 on: frame 7
+    assert list(vdr.frame_stages(success)) == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    assert vdr.caption("open the drawer", vdr.GOAL_STAGE) == "open the drawer, done"
+
+
+def test_pretrain_finetune_goal_pipeline_is_cached_and_deterministic(tmp_path, tiny_video_models):
+    args = video_args(tmp_path)
+    base = vdr.pretrain(args, progress=False)
+    assert {p.name for p in base.iterdir()} >= {"vae", "transformer", "scheduler", "clip.pt", "losses.json"}
+    model = vdr.load_video_model(args)
+    assert vdr.finetune(args, progress=False) == tmp_path / "cache" / "video" / model.name  # cached: same folder
+    first = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    a = vdr.generate_video(model, first, "a prompt", 9, seed=1, steps=2)
+    assert a.shape == (9, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, vdr.generate_video(model, first, "a prompt", 9, seed=1, steps=2))
+    assert not np.array_equal(a, vdr.generate_video(model, first, "a prompt", 9, seed=2, steps=2))
+    metrics = vdr.goal(args, tmp_path / "goal")
+    assert metrics["frames"] == 9 and (tmp_path / "goal" / "goal.gif").exists()
+
+
+def test_eval_video_writes_metrics_per_method(tmp_path, tiny_video_models):
+    metrics = vdr.eval_video(video_args(tmp_path), tmp_path / "ev", progress=False)
+    saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    for method in ("generated", "first_frame_repeated", "nearest_demo"):
+        assert {"final_frame_mse", "latent_cosine"} <= set(saved[method])
+        assert np.isfinite(saved[method]["final_frame_mse"])
+    assert (tmp_path / "ev" / "side_by_side.png").exists() and metrics["videos"] == 2
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_video_models, damage):
+    args = video_args(tmp_path)
+    path = vdr.finetune(args, progress=False)
+    if damage == "missing":
+        (path / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    else:
+        (path / "clip.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(vdr.VdrError, match="delete"):
+        vdr.load_video_model(args)
+
+
+def save_tiny_cogvideox_i2v(path):
+    """A CogVideoX image-to-video checkpoint in the real repo's layout (model_index.json, vae/,
+    transformer/, scheduler/, text_encoder/, tokenizer/), with tiny random weights."""
+    from diffusers import (AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXImageToVideoPipeline,
+                           CogVideoXTransformer3DModel)
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, T5Config, T5EncoderModel
+    torch.manual_seed(0)
+    words = ["<pad>", "</s>", "<unk>"] + "the robot arm moves its gripper to red goal point".split()
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
+    text_encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_kv=4, d_ff=32, num_layers=1,
+                                           num_heads=2))
+    transformer = CogVideoXTransformer3DModel(**dict(TINY_DIT, text_embed_dim=16, attention_head_dim=16,
+                                                     max_text_seq_length=226, use_rotary_positional_embeddings=True))
+    pipe = CogVideoXImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
+                                         vae=AutoencoderKLCogVideoX(**TINY_VAE), transformer=transformer,
+                                         scheduler=CogVideoXDDIMScheduler(**vdr.SCHEDULER_CONFIG))
+    pipe.save_pretrained(path)
+
+
+def test_paper_path_loads_finetunes_with_lora_and_generates_from_a_saved_checkpoint(tmp_path):
+    pytest.importorskip("peft")
+    save_tiny_cogvideox_i2v(tmp_path / "tiny-cogvideox")
+    assert {p.name for p in (tmp_path / "tiny-cogvideox").iterdir()} >= {
+        "model_index.json", "vae", "transformer", "scheduler", "text_encoder", "tokenizer"}
+    args = video_args(tmp_path, video_model=str(tmp_path / "tiny-cogvideox"), lora_rank=4)
+    lora = vdr.finetune(args, progress=False)  # LoRA on the tiny DiT, 2 steps
+    assert (lora / "pytorch_lora_weights.safetensors").exists()
+    model = vdr.load_video_model(args)  # the pipeline, with the LoRA adapters loaded
+    assert any("lora" in n for n, _ in model.transformer.named_parameters())
+    first = np.zeros((64, 64, 3), np.uint8)
+    video = vdr.generate_video(model, first, vdr.task_prompt("reach-v3"), 9, seed=0, steps=2)
+    assert video.shape == (9, 64, 64, 3) and video.dtype == np.uint8
+
+
+def test_unknown_video_model_is_a_clear_error(tmp_path):
+    with pytest.raises(vdr.VdrError, match="could not load the video model"):
+        vdr.load_video_model(video_args(tmp_path, video_model=str(tmp_path / "nowhere")), finetuned=False)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -48,10 +48,12 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,6 +127,19 @@ class Args:
     clip_model: str = arg("toy", "CLIP model: 'toy', or an open_clip architecture name such as ViT-B-32")
     clip_pretrained: str = arg("", "open_clip pretrained tag or local weights file (with a named clip_model)")
     dtype: str = arg("float32", "dtype of the pretrained models: float32, or bfloat16 on a GPU")
+    # --- video diffusion (section 3) ---
+    video_frames: int = arg(17, "frames per video, 8k+1 (section 3); a video spans a whole episode")
+    pretrain_episodes: int = arg(20, "expert episodes per task for pretraining the toy models")
+    clip_steps: int = arg(1000, "training steps of the toy CLIP")
+    vae_steps: int = arg(300, "training steps of the toy VAE")
+    dit_steps: int = arg(2000, "pretraining steps of the toy DiT (all PRETRAIN_TASKS)")
+    dit_lr: float = arg(1e-3, "pretraining learning rate of the toy DiT")
+    dit_batch: int = arg(4, "videos per DiT training step")
+    finetune_steps: int = arg(1000, "finetuning steps on the target task (toy: whole DiT; paper: LoRA)")
+    finetune_lr: float = arg(3e-4, "finetuning learning rate")
+    lora_rank: int = arg(64, "LoRA rank for finetuning a pretrained --video-model (paper path)")
+    sample_steps: int = arg(50, "DDIM denoising steps per generated video")
+    eval_videos: int = arg(10, "held-out initial states that eval-video generates goal videos for")
     # --- reinforcement learning (sections 7-8) ---
     reward: str = arg("dense", "reward the agent learns from: dense (Meta-World's shaped) or sparse (success)")
     steps: int = arg(50_000, "environment steps of training")
@@ -192,6 +207,8 @@ def check_args(args: Args) -> None:
     for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes"):
         if getattr(args, name) <= 0:
             raise VdrError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.video_frames % 8 != 1:  # 4k+1 frames -> k+1 latent frames, and k+1 must be odd (see section 3)
+        raise VdrError(f"--video-frames must be 8k+1, e.g. 9, 17 or 49; got {args.video_frames}")
     if args.episode_length > 500:
         raise VdrError(f"--episode-length {args.episode_length} is over Meta-World's limit of 500 steps")
 
@@ -388,31 +405,36 @@ def expert_policy(task: str):
     return ENV_POLICY_MAP[task]()
 
 
-def rollout(env: MetaWorld, policy, seed: int, render: bool = True) -> dict:
+def rollout(env: MetaWorld, policy, seed: int, render: bool = True, frames: int | None = None) -> dict:
     """Run one fixed-length episode. `policy(obs) -> action`.
 
-    Returns frames (T+1, H, W, 3) uint8 (empty if not render), states (T+1, 39), actions (T, 4),
-    env_rewards (T,), success (T,) bool: the per-step success flag.
+    Returns frames (T+1, H, W, 3) uint8 (empty if not render; only `frames` evenly spaced ones if given,
+    which saves most of the rendering when only a resampled video is needed), states (T+1, 39),
+    actions (T, 4), env_rewards (T,), success (T,) bool: the per-step success flag.
     """
+    keep = set(resample(np.arange(env.episode_length + 1), frames)) if frames else None
     obs, _ = env.reset(seed)
-    frames, states, actions, rewards, success = [env.render()] if render else [], [obs], [], [], []
-    for _ in range(env.episode_length):
+    images, states, actions, rewards, success = [env.render()] if render else [], [obs], [], [], []
+    for t in range(1, env.episode_length + 1):
         action = np.clip(policy(obs), -1.0, 1.0).astype(np.float32)
         obs, reward, terminated, truncated, info = env.step(action)
         states.append(obs); actions.append(action); rewards.append(reward); success.append(info["success"] > 0)
-        if render:
-            frames.append(env.render())
+        if render and (keep is None or t in keep):
+            images.append(env.render())
         if terminated or truncated:
             break
-    return dict(frames=np.array(frames, dtype=np.uint8), states=np.array(states, dtype=np.float32),
+    return dict(frames=np.array(images, dtype=np.uint8), states=np.array(states, dtype=np.float32),
                 actions=np.array(actions, dtype=np.float32), env_rewards=np.array(rewards, dtype=np.float32),
                 success=np.array(success, dtype=bool))
 
 
-def collect_demos(args: Args, task: str | None = None, progress: bool = True) -> dict:
+def collect_demos(args: Args, task: str | None = None, episodes: int | None = None, seed0: int = DEMO_SEED0,
+                  frames: int | None = None, progress: bool = True) -> dict:
     """Scripted-expert episodes of one task, cached: the domain videos the video model is trained on.
 
-    Returns a dict of stacked arrays (N = args.episodes, T = args.episode_length):
+    Episode i starts from initial state seed0 + i (held-out videos use seed0=HELDOUT_SEED0). With
+    `frames`, only that many evenly spaced frames per episode are rendered and kept.
+    Returns a dict of stacked arrays (N = episodes or args.episodes, T = args.episode_length):
         frames (N, T+1, H, W, 3) uint8, states (N, T+1, 39) float32, actions (N, T, 4) float32,
         env_rewards (N, T) float32, success (N, T) bool, seeds (N,) int64, and prompt (the task's text).
     An episode counts as a success if it succeeded at any step (door-open's expert, for one, opens the
@@ -420,9 +442,9 @@ def collect_demos(args: Args, task: str | None = None, progress: bool = True) ->
     """
     from tqdm import tqdm
 
-    task = task or args.task
-    path = cache_path(args, "demos", ".npz", task=task, episodes=args.episodes, image_size=args.image_size,
-                      camera=args.camera, episode_length=args.episode_length)
+    task, episodes = task or args.task, episodes or args.episodes
+    path = cache_path(args, "demos", ".npz", task=task, episodes=episodes, image_size=args.image_size,
+                      camera=args.camera, episode_length=args.episode_length, seed0=seed0, frames=frames)
     if path.exists():
         try:
             with np.load(path) as data:
@@ -430,14 +452,15 @@ def collect_demos(args: Args, task: str | None = None, progress: bool = True) ->
         except Exception as err:  # atomic writes never leave a partial file, but disks and hands do
             raise VdrError(f"cached demos {path} are unreadable ({type(err).__name__}); "
                            "delete that file and run again") from None
-    expert, episodes = expert_policy(task), []
-    with MetaWorld(task, args.image_size, args.camera, args.episode_length) as env:
-        bar = tqdm(range(args.episodes), desc=f"collect {task}", disable=not progress)
+    expert, runs = expert_policy(task), []
+    with MetaWorld(task, args.image_size, args.camera, args.episode_length) as env, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Constant", UserWarning)  # the experts' gains clip at 1, harmlessly
+        bar = tqdm(range(episodes), desc=f"collect {task}", disable=not progress)
         for i in bar:
-            episodes.append(rollout(env, expert.get_action, seed=DEMO_SEED0 + i))
-            bar.set_postfix(success=f"{np.mean([e['success'].any() for e in episodes]):.2f}")
-    demos = {k: np.stack([e[k] for e in episodes]) for k in episodes[0]}
-    demos.update(seeds=DEMO_SEED0 + np.arange(args.episodes), prompt=task_prompt(task))
+            runs.append(rollout(env, expert.get_action, seed=seed0 + i, frames=frames))
+            bar.set_postfix(success=f"{np.mean([e['success'].any() for e in runs]):.2f}")
+    demos = {k: np.stack([e[k] for e in runs]) for k in runs[0]}
+    demos.update(seeds=seed0 + np.arange(episodes), prompt=task_prompt(task))
     atomic_write(path, lambda tmp: np.savez_compressed(tmp, **demos))
     return demos
 
@@ -450,6 +473,801 @@ def save_frame_strip(frames: np.ndarray, path: Path, n: int = 8, scale: int = 2)
     img = Image.fromarray(strip)
     return atomic_write(path, lambda tmp: img.resize((img.width * scale, img.height * scale),
                                                       Image.NEAREST).save(tmp, format="PNG"))
+
+
+# =====================================================================================================
+# 3. Video diffusion: a CogVideoX-style image+text-to-video model (E1)
+# =====================================================================================================
+# E1. A video V: (F, 3, H, W) in [-1, 1], F = 4k+1 frames, is encoded by a 3D causal VAE into latents
+#         x0 = E(V): (k+1, C, h, w)       (time / 4; space / 4 in the toy model, / 8 in CogVideoX)
+#     "Causal": latent frame 0 sees frame 0 alone, so an image is a 1-frame video with a 1-frame latent.
+#     CogVideoX's decoder upsamples the latent frames after the first in pairs, so k+1 must be odd:
+#     F = 8k'+1 (9, 17, ..., 49 as in CogVideoX).
+#     Training noises the latents and teaches a diffusion transformer (DiT) to undo it:
+#         x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,       eps ~ N(0, I),  t ~ U{0..999}
+#         min_theta  E || v_theta(x_t, t, c_text, c_image) - v_t ||^2,   v_t = sqrt(abar_t) eps - sqrt(1 - abar_t) x0
+#     c_text: (L, D) the prompt's token features; c_image: (1, C, h, w) the first frame's latent. As in
+#     CogVideoX-I2V, c_image is zero-padded to k+1 latent frames and joins x_t along channels, so the
+#     DiT reads (k+1, 2C, h, w) and writes (k+1, C, h, w).
+#
+# Prediction type. PAPER.md writes E1 for eps; we train v ("v-prediction"), the target CogVideoX itself
+# was trained on, with its zero-terminal-SNR schedule (abar_T = 0: sampling starts from pure noise, as in
+# training). Since ||v_hat - v||^2 = ||eps_hat - eps||^2 / abar_t, this is E1 with a per-timestep weight;
+# eps itself is unusable at abar_T = 0 (x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by zero).
+# The paper preset finetunes a real checkpoint, so `diffusion_loss` reads the type from its scheduler.
+#
+# Default ('toy'): the same diffusers classes at toy size, trained here from scratch in two stages like
+# the paper's model: *pretrained* on expert videos of several Meta-World tasks (a stand-in for web-scale
+# pretraining), then *finetuned* on the target task's videos. A small CLIP (open_clip) is trained first:
+# its text tower gives the DiT its c_text, and section 5 uses it to pick the goal frame (E3).
+# `paper` preset: THUDM/CogVideoX-5b-I2V from diffusers' `from_pretrained` (its own T5 text encoder),
+# finetuned with LoRA, bf16, one CUDA GPU.
+#
+# A training video is a whole demo episode resampled to `video_frames` frames (np.linspace over its
+# T+1 frames), so its last frames show the task done; a goal video is generated the same way.
+
+PRETRAIN_TASKS = ("reach-v3", "push-v3", "pick-place-v3", "button-press-topdown-v3", "drawer-open-v3",
+                  "drawer-close-v3", "door-open-v3", "window-open-v3")  # 8 of Meta-World's MT10 tasks
+
+
+def resample(frames, n: int):
+    """n frames evenly spaced over a video (T, ...) -> (n, ...): E2's linspace resampling, also used to
+    turn a 151-frame episode into a training video."""
+    idx = np.linspace(0, len(frames) - 1, n).round().astype(int)
+    return frames[idx]
+
+
+def to_video_tensor(frames: np.ndarray) -> torch.Tensor:
+    """(B, T, H, W, 3) uint8 -> (B, 3, T, H, W) float in [-1, 1]: the layout diffusers' VAEs take."""
+    video = torch.from_numpy(np.ascontiguousarray(frames)).float().div(127.5).sub(1.0)
+    return video.permute(0, 4, 1, 2, 3)  # (B, 3, T, H, W)
+
+
+def to_frames(video: torch.Tensor) -> np.ndarray:
+    """(B, 3, T, H, W) in [-1, 1] -> (B, T, H, W, 3) uint8."""
+    video = video.float().clamp(-1, 1).add(1).mul(127.5).round().to(torch.uint8)
+    return video.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3)
+
+
+# ---- 3a. a small CLIP, trained contrastively on demo frames ----
+# Toy sizes: a 64 px ViT with 8 px patches (64 tokens) and a 16-token text transformer. open_clip's own
+# BPE tokenizer is bundled with the package, so nothing is downloaded.
+TOY_CLIP_NAME = "vdr-toy-clip"
+TOY_CLIP_CONFIG = {
+    "embed_dim": 64,
+    "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
+}
+# Caption design. A caption names the task AND its progress at that frame:
+#     "<task prompt>, <stage>"   with stage "not started" (first third of the time to success),
+#                                 "in progress" (the rest, until success), "done" (success reached).
+# Contrastive training on these makes "..., done" closer to frames where the task is finished than to
+# the same scene before: section 5 (E3) scores a goal video's frames against GOAL_STAGE's caption and
+# picks the best, which is the frame the agent should reach. Task prompts alone would not do that: every
+# frame of an episode shares the prompt, so CLIP would learn to tell tasks apart, not progress.
+STAGES = ("not started", "in progress", "done")
+GOAL_STAGE = "done"
+
+
+def caption(prompt: str, stage: str) -> str:
+    return f"{prompt}, {stage}"
+
+
+def frame_stages(success: np.ndarray) -> np.ndarray:
+    """Per-frame stage index (T+1,) of one episode from its per-step success flags (T,)."""
+    n = len(success) + 1
+    first = int(np.argmax(success)) + 1 if success.any() else n  # frame at which success first holds
+    t = np.arange(n)
+    return np.where(t >= first, 2, np.where(t >= first / 3, 1, 0))
+
+
+def register_toy_clip(cache_dir: str) -> str:
+    """Make TOY_CLIP_CONFIG known to open_clip under TOY_CLIP_NAME (open_clip reads configs from JSON)."""
+    import open_clip
+    path = Path(cache_dir) / "clip" / f"{TOY_CLIP_NAME}.json"
+    if not path.exists():
+        atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(TOY_CLIP_CONFIG)))
+    open_clip.add_model_config(path)
+    return TOY_CLIP_NAME
+
+
+def create_toy_clip():
+    """A randomly initialised toy CLIP (open_clip logs a warning that no pretrained weights were loaded:
+    that is the point here, so it is silenced)."""
+    import logging
+    import open_clip
+    root, level = logging.getLogger(), logging.getLogger().level
+    root.setLevel(logging.ERROR)
+    try:
+        return open_clip.create_model(TOY_CLIP_NAME)
+    finally:
+        root.setLevel(level)
+
+
+def clip_image_features(clip, frames: np.ndarray) -> torch.Tensor:
+    """CLIP image embeddings of frames (N, H, W, 3) uint8 -> (N, D), unit norm."""
+    from open_clip import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+    device = next(clip.parameters()).device
+    x = torch.from_numpy(np.ascontiguousarray(frames)).to(device).permute(0, 3, 1, 2).float() / 255  # (N,3,H,W)
+    size = clip.visual.image_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    if tuple(x.shape[-2:]) != tuple(size):
+        x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
+    mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
+    return clip.encode_image((x - mean) / std, normalize=True)
+
+
+def clip_text_tokens(clip, tokens: torch.Tensor) -> torch.Tensor:
+    """Per-token features of the text tower (B, L) -> (B, L, width): the DiT's c_text in the toy model.
+    (open_clip's encode_text pools these into one vector; the DiT attends to all of them, as CogVideoX
+    attends to all of T5's.)"""
+    x = clip.token_embedding(tokens) + clip.positional_embedding  # (B, L, width)
+    x = clip.transformer(x, attn_mask=clip.attn_mask)
+    return clip.ln_final(x)  # (B, L, width)
+
+
+def load_clip(args: Args, weights: Path | None = None):
+    """(clip, tokenizer). Toy: TOY_CLIP_CONFIG, with trained weights if given. Otherwise the open_clip
+    architecture args.clip_model with args.clip_pretrained: a pretrained tag or a local weights file."""
+    import open_clip
+    dtype = getattr(torch, args.dtype)
+    if args.clip_model == "toy":
+        name = register_toy_clip(args.cache_dir)
+        clip = create_toy_clip()
+        if weights is not None:
+            clip.load_state_dict(load_checkpoint(weights))
+    else:
+        if args.clip_model not in open_clip.list_models():
+            raise VdrError(f"unknown open_clip architecture {args.clip_model!r}; "
+                           "see open_clip.list_models(), or use --clip-model toy")
+        try:
+            clip = open_clip.create_model(args.clip_model, pretrained=args.clip_pretrained or None)
+        except Exception as err:  # no network here, a wrong tag, a wrong file
+            raise VdrError(f"could not load CLIP {args.clip_model} / {args.clip_pretrained!r} "
+                           f"({type(err).__name__}: {str(err)[:120]}); give a local weights file with "
+                           "--clip-pretrained PATH") from None
+        name = args.clip_model
+    tokenizer = open_clip.get_tokenizer(name)
+    return clip.to(args.device, dtype).eval().requires_grad_(False), tokenizer
+
+
+def clip_batch(data: dict, gen: torch.Generator):
+    """One frame per (task, stage) caption that the data has: (N, H, W, 3) frames and N unique captions,
+    so that each frame's one positive in the contrastive loss is its own caption."""
+    frames, texts = [], []
+    for prompt, (video, stage) in data.items():
+        for s, name in enumerate(STAGES):
+            ep_idx, t_idx = np.nonzero(stage == s)
+            if len(ep_idx):
+                j = int(torch.randint(len(ep_idx), (), generator=gen))
+                frames.append(video[ep_idx[j], t_idx[j]]); texts.append(caption(prompt, name))
+    return np.stack(frames), texts
+
+
+def train_clip(args: Args, demos: dict[str, dict], progress: bool = True) -> Path:
+    """Train the toy CLIP on demo frames and their stage captions (cached). Returns the weights path."""
+    import open_clip
+    path = cache_path(args, "clip", ".pt", task="pretrain", tasks=sorted(demos), episodes=args.pretrain_episodes,
+                      config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed)
+    if path.exists():
+        return path
+    seed_everything(args.seed)
+    register_toy_clip(args.cache_dir)
+    clip = create_toy_clip().train()
+    tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
+    # per prompt: its videos (N, F, H, W, 3) and the stages of those frames (N, F)
+    data = {d["prompt"]: (d["frames"], np.stack([resample(frame_stages(s), d["frames"].shape[1]) for s in d["success"]]))
+            for d in demos.values()}
+    loss_fn = open_clip.ClipLoss()
+
+    def loss(gen):
+        frames, texts = clip_batch(data, gen)
+        image = clip_image_features(clip, frames)  # (N, D)
+        text = clip.encode_text(tokenizer(texts), normalize=True)  # (N, D)
+        return loss_fn(image, text, clip.logit_scale.exp())
+
+    fit(clip, loss, args.clip_steps, lr=1e-3, seed=args.seed, state=path.with_suffix(".state"), desc="clip",
+        progress=progress)
+    atomic_write(path, lambda tmp: torch.save(clip.state_dict(), tmp))
+    return path
+
+
+# ---- 3b. the 3D causal VAE ----
+# Toy compression. Three blocks = two 2x downsamplings: 64 px -> 16x16 latents, 8 channels (CogVideoX:
+# four blocks, 8x, 16 channels). A prototype with 8x compression (8x8 latents) blurred away the reach
+# target, the button and the drawer handle; 4x keeps them. Time is compressed 4x (9 frames -> 3).
+TOY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=8,
+    down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+    block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=4,  # groups of 4 channels
+    temporal_compression_ratio=4, sample_height=64, sample_width=64,
+)
+VAE_KL_WEIGHT = 1e-6  # a light KL term keeps the posterior near N(0, I), as in LDM's VAEs
+VAE_FOREGROUND_WEIGHT = 10.0  # extra weight of pixels that differ from the task's median frame (see below)
+
+
+def vae_encode(vae, video: torch.Tensor) -> torch.Tensor:
+    """E(V): (B, 3, F, H, W) in [-1, 1] -> latents (B, k+1, C, h, w), the posterior MEAN (deterministic,
+    DESIGN.md) times the VAE's scaling factor, in the (batch, time, channel) order the DiT takes."""
+    latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mean  # (B, C, k+1, h, w)
+    return (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)  # (B, k+1, C, h, w)
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """D(x0): latents (B, k+1, C, h, w) -> video (B, 3, 4k+1, H, W) in [-1, 1]."""
+    latents = latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # (B, C, k+1, h, w)
+    return vae.decode(latents.to(vae.dtype)).sample
+
+
+def vae_loss(vae, video: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted reconstruction MSE + VAE_KL_WEIGHT * KL. video (B, 3, F, H, W); weight (B, 1, F, H, W)."""
+    posterior = vae.encode(video).latent_dist
+    recon = vae.decode(posterior.sample()).sample  # (B, 3, F, H, W); a posterior *sample* while training
+    mse = (weight * (recon - video) ** 2).sum() / (weight.sum() * 3)
+    return mse + VAE_KL_WEIGHT * posterior.kl().mean() / video[0].numel()
+
+
+def foreground_weight(frames: np.ndarray, background: np.ndarray) -> torch.Tensor:
+    """Per-pixel loss weight (B, 1, T, H, W): 1 + VAE_FOREGROUND_WEIGHT where a frame differs from the
+    task's median frame by more than 8/255. Why: the arm, the object and the goal marker cover a few
+    percent of a 64 px frame, so a plain MSE is won by drawing the table well and the arm blurred."""
+    diff = np.abs(frames.astype(np.int16) - background.astype(np.int16)).max(-1) > 8  # (B, T, H, W)
+    return 1.0 + VAE_FOREGROUND_WEIGHT * torch.from_numpy(diff).float().unsqueeze(1)
+
+
+def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True) -> Path:
+    """Train the toy VAE on random VAE_CLIP-frame windows of the training videos (cached, resumable).
+
+    videos: {prompt: (N, F, H, W, 3) uint8}. Saves the AutoencoderKLCogVideoX with its scaling_factor set
+    so that latents have unit standard deviation (as Stable Diffusion's was chosen); returns the folder."""
+    from diffusers import AutoencoderKLCogVideoX
+    path = cache_path(args, "vae", "", task="pretrain", tasks=sorted(videos), episodes=args.pretrain_episodes,
+                      frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps, seed=args.seed)
+    if path.exists():
+        return path
+    seed_everything(args.seed)
+    vae = AutoencoderKLCogVideoX(**TOY_VAE_CONFIG)
+    all_videos = np.concatenate(list(videos.values()))  # (N_all, F, H, W, 3)
+    backgrounds = np.concatenate([np.repeat(np.median(v, axis=(0, 1))[None], len(v), 0)
+                                  for v in videos.values()]).astype(np.uint8)  # (N_all, H, W, 3) per task
+
+    def loss(gen):
+        i = torch.randint(len(all_videos), (VAE_BATCH,), generator=gen).numpy()
+        t0 = torch.randint(all_videos.shape[1] - VAE_CLIP + 1, (), generator=gen).item()
+        frames = all_videos[i, t0:t0 + VAE_CLIP]  # (B, VAE_CLIP, H, W, 3)
+        weight = foreground_weight(frames, backgrounds[i][:, None])  # (B, 1, VAE_CLIP, H, W)
+        with torch.random.fork_rng():  # the posterior sample draws from torch's global RNG: seed it
+            torch.manual_seed(int(torch.randint(2**31, (), generator=gen)))
+            return vae_loss(vae, to_video_tensor(frames), weight)
+
+    fit(vae, loss, args.vae_steps, lr=1e-3, seed=args.seed, state=path.with_suffix(".state"), desc="vae",
+        progress=progress)
+    with torch.no_grad():  # scaling factor = 1 / std of the latents of (up to) 64 training videos
+        vae.eval()
+        sample = to_video_tensor(all_videos[:: max(1, len(all_videos) // 64)])
+        std = torch.cat([vae.encode(v[None]).latent_dist.mean for v in sample]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return save_pretrained_atomic(vae, path)
+
+
+VAE_CLIP = 9  # frames per VAE training window: 1 (encoded alone, causally) + 2 x 4 -> 3 latent frames
+VAE_BATCH = 4  # windows per step: 36 frames, ~1 s per step on 2 cores
+
+
+# ---- 3c. the diffusion transformer (DiT), the scheduler, the loss and the sampler ----
+# Toy DiT: 4 layers, width 128, 2x2 latent patches -> 64 tokens per latent frame (5 x 64 for 17 frames),
+# plus 16 text tokens in the same attention (CogVideoX's "expert transformer" blocks).
+TOY_DIT_CONFIG = dict(
+    num_attention_heads=4, attention_head_dim=32, num_layers=4, time_embed_dim=128,
+    in_channels=2 * TOY_VAE_CONFIG["latent_channels"],  # noisy latents + first-frame latents (I2V)
+    out_channels=TOY_VAE_CONFIG["latent_channels"],
+    text_embed_dim=TOY_CLIP_CONFIG["text_cfg"]["width"], max_text_seq_length=TOY_CLIP_CONFIG["text_cfg"]["context_length"],
+    sample_height=16, sample_width=16, sample_frames=17, patch_size=2,
+    use_rotary_positional_embeddings=False,  # fixed 3D sin-cos positions, as CogVideoX-2B
+)
+# CogVideoX's own DDIM scheduler, configured as the 5B checkpoints ship it.
+SCHEDULER_CONFIG = dict(
+    num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+    prediction_type="v_prediction", rescale_betas_zero_snr=True, timestep_spacing="trailing",
+    clip_sample=False, set_alpha_to_one=True, snr_shift_scale=1.0,
+)
+
+
+def diffusion_loss(transformer, scheduler, latents, image_latents, prompt_embeds, gen: torch.Generator,
+                   image_rotary_emb=None) -> torch.Tensor:
+    """E1 on one batch. latents (B, k+1, C, h, w) = x0; image_latents (B, 1, C, h, w) = c_image;
+    prompt_embeds (B, L, D) = c_text. Noise and timesteps are drawn from `gen` (reproducible)."""
+    B = latents.shape[0]
+    noise = torch.randn(latents.shape, generator=gen).to(latents)  # eps
+    timesteps = torch.randint(scheduler.config.num_train_timesteps, (B,), generator=gen).to(latents.device)
+    noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # x_t
+    padding = image_latents.new_zeros(B, latents.shape[1] - 1, *latents.shape[2:])
+    image_latents = torch.cat([image_latents, padding], dim=1)  # (B, k+1, C, h, w): c_image, zero-padded
+    model_input = torch.cat([noisy_latents, image_latents], dim=2)  # (B, k+1, 2C, h, w)
+    model_pred = transformer(hidden_states=model_input, encoder_hidden_states=prompt_embeds, timestep=timesteps,
+                             image_rotary_emb=image_rotary_emb, return_dict=False)[0]  # (B, k+1, C, h, w)
+    if scheduler.config.prediction_type == "v_prediction":
+        target = scheduler.get_velocity(latents, noise, timesteps)  # v_t
+    else:
+        target = noise
+    return F.mse_loss(model_pred.float(), target.float())
+
+
+@torch.no_grad()
+def sample_latents(transformer, scheduler, image_latents, prompt_embeds, num_latent_frames: int,
+                   gen: torch.Generator, steps: int = 50) -> torch.Tensor:
+    """DDIM sampling (eta = 0, deterministic given the noise): pure noise (B, k+1, C, h, w) -> x0, with
+    the first frame's latents (B, 1, C, h, w) and the prompt tokens (B, L, D) as conditions."""
+    B, _, C, h, w = image_latents.shape
+    scheduler.set_timesteps(steps)
+    latents = torch.randn((B, num_latent_frames, C, h, w), generator=gen).to(image_latents)  # x_T
+    latents = latents * scheduler.init_noise_sigma
+    padding = image_latents.new_zeros(B, num_latent_frames - 1, C, h, w)
+    image_latents = torch.cat([image_latents, padding], dim=1)  # (B, k+1, C, h, w)
+    for t in scheduler.timesteps:
+        model_input = torch.cat([latents, image_latents], dim=2)  # (B, k+1, 2C, h, w)
+        model_pred = transformer(hidden_states=model_input, encoder_hidden_states=prompt_embeds,
+                                 timestep=t.expand(B), return_dict=False)[0]
+        latents = scheduler.step(model_pred, t, latents, return_dict=False)[0]  # x_t -> x_{t-1}
+    return latents
+
+
+# ---- 3d. training: one resumable loop, checkpoints, pretrain -> finetune ----
+SAVE_EVERY = 100  # optimisation steps between resumable training-state checkpoints
+
+
+def load_checkpoint(path: Path):
+    """torch.load with a one-line error for a missing or corrupt file."""
+    if not Path(path).exists():
+        raise VdrError(f"checkpoint {path} does not exist; run the command that makes it (see README)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise VdrError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it and run again") from None
+
+
+def load_pretrained(cls, path, what: str, **kwargs):
+    """cls.from_pretrained(path) (a local folder or a hub id) with a one-line error when it fails."""
+    try:
+        return cls.from_pretrained(str(path), **kwargs)
+    except Exception as err:
+        raise VdrError(f"could not load the {what} from {path} ({type(err).__name__}: {str(err)[:150]}); "
+                       "check the name or folder, or delete a corrupt cache folder and run again") from None
+
+
+def save_pretrained_atomic(model, path: Path, **kwargs) -> Path:
+    """model.save_pretrained into a temporary folder, then one rename: never a half-written model folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        model.save_pretrained(tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+    return path
+
+
+def fit(model: nn.Module, loss_fn, steps: int, lr: float, seed: int, state: Path, desc: str,
+        progress: bool = True) -> list[float]:
+    """The one training loop of the video models: AdamW on loss_fn(gen) for `steps` steps, with a linear
+    warm-up and cosine decay, tqdm showing the loss. Only parameters with requires_grad train (LoRA: the
+    adapters). All randomness comes from `gen`, and every SAVE_EVERY steps the trainable weights, the
+    optimiser and `gen` are saved to `state`: an interrupted run resumes and ends where an uninterrupted
+    one would. Returns the per-step losses (the state file is removed at the end)."""
+    from tqdm import tqdm
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW(params.values(), lr=lr, weight_decay=0.0)
+    warmup = min(100, steps // 10)  # a short warm-up: Adam's first steps are large with fresh moments
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / max(1, warmup)) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / steps))))
+    gen = torch.Generator().manual_seed(seed)
+    start, losses = 0, []
+    if state.exists():
+        ckpt = load_checkpoint(state)
+        model.load_state_dict(ckpt["trainable"], strict=False)
+        opt.load_state_dict(ckpt["optimizer"]); schedule.load_state_dict(ckpt["schedule"])
+        gen.set_state(ckpt["generator"]); start, losses = ckpt["step"], ckpt["losses"]
+    model.train()
+    bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps, disable=not progress)
+    for step in bar:
+        loss = loss_fn(gen)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params.values(), 1.0)  # guards the early steps of attention models
+        opt.step(); schedule.step()
+        losses.append(loss.item())
+        bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
+        if (step + 1) % SAVE_EVERY == 0 and step + 1 < steps:
+            ckpt = {"trainable": {n: p.detach() for n, p in params.items()}, "optimizer": opt.state_dict(),
+                    "schedule": schedule.state_dict(), "generator": gen.get_state(), "step": step + 1,
+                    "losses": losses}
+            atomic_write(state, lambda tmp: torch.save(ckpt, tmp))
+    model.eval()
+    state.unlink(missing_ok=True)
+    return losses
+
+
+def training_videos(args: Args, demos: dict) -> np.ndarray:
+    """Demo episodes (N, T+1, H, W, 3) -> training videos (N, video_frames, H, W, 3)."""
+    return resample(demos["frames"].swapaxes(0, 1), args.video_frames).swapaxes(0, 1)
+
+
+@torch.no_grad()
+def encode_videos(vae, videos: np.ndarray, batch: int = 8):
+    """Videos (N, F, H, W, 3) uint8 -> latents (N, k+1, C, h, w) and first-frame latents (N, 1, C, h, w)."""
+    latents, image_latents = [], []
+    for i in range(0, len(videos), batch):
+        video = to_video_tensor(videos[i:i + batch])  # (b, 3, F, H, W)
+        latents.append(vae_encode(vae, video))
+        image_latents.append(vae_encode(vae, video[:, :, :1]))  # the first frame alone: c_image
+    return torch.cat(latents).float(), torch.cat(image_latents).float()
+
+
+@dataclass
+class VideoModel:
+    """Everything that generates and scores videos: the VAE (E1, E2), the DiT and its scheduler (E1), and
+    the text encoder that conditions it. `clip` is the toy CLIP or the paper's, for E3; `pipe` is the
+    diffusers pipeline on the paper path (its T5 encodes the prompts), None in the toy model."""
+    vae: nn.Module
+    transformer: nn.Module
+    scheduler: object
+    clip: nn.Module
+    tokenizer: object
+    pipe: object = None
+    name: str = "toy"  # identifies the weights, for cache keys of what the model generates
+
+    @torch.no_grad()
+    def prompt_embeds(self, prompts: list[str]) -> torch.Tensor:
+        """c_text: (B, L, D). Toy: the CLIP text tower's tokens; paper: CogVideoX's own T5."""
+        if self.pipe is not None:
+            return self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
+                                           device=self.transformer.device)[0]
+        return clip_text_tokens(self.clip, self.tokenizer(prompts).to(self.vae.device)).to(self.transformer.dtype)
+
+
+def train_dit(args: Args, model: VideoModel, videos: dict[str, np.ndarray], steps: int, lr: float, path: Path,
+              desc: str, progress: bool = True) -> list[float]:
+    """Train model.transformer with E1 on videos {prompt: (N, F, H, W, 3)}; the VAE and text encoder stay
+    frozen, so the latents and prompt tokens are computed once, up front."""
+    model.vae.requires_grad_(False)
+    latents, image_latents, prompt_embeds = [], [], []
+    for prompt, v in videos.items():
+        lat, img = encode_videos(model.vae, v)
+        latents.append(lat); image_latents.append(img)
+        prompt_embeds.append(model.prompt_embeds([prompt]).float().expand(len(v), -1, -1))
+    latents, image_latents, prompt_embeds = torch.cat(latents), torch.cat(image_latents), torch.cat(prompt_embeds)
+    # (N, k+1, C, h, w), (N, 1, C, h, w), (N, L, D)
+
+    def loss(gen):
+        i = torch.randint(len(latents), (args.dit_batch,), generator=gen)
+        return diffusion_loss(model.transformer, model.scheduler, latents[i], image_latents[i],
+                              prompt_embeds[i], gen)
+
+    return fit(model.transformer, loss, steps, lr, args.seed, path.with_suffix(".state"), desc, progress)
+
+
+def save_toy_model(model: VideoModel, path: Path, losses: list[float]) -> Path:
+    """The toy model as one folder in the real checkpoint's layout (vae/, transformer/, scheduler/), plus
+    clip.pt and the training losses; written under a temporary name and renamed when complete."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        for name in ("vae", "transformer", "scheduler"):
+            getattr(model, name).save_pretrained(tmp / name)
+        torch.save(model.clip.state_dict(), tmp / "clip.pt")
+        (tmp / "losses.json").write_text(json.dumps(losses))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            import shutil
+            shutil.rmtree(tmp)
+    return path
+
+
+def load_toy_model(args: Args, path: Path) -> VideoModel:
+    """A folder written by save_toy_model, loaded with the same from_pretrained calls as a real checkpoint."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    path = Path(path)
+    vae = load_pretrained(AutoencoderKLCogVideoX, path, "VAE", subfolder="vae")
+    transformer = load_pretrained(CogVideoXTransformer3DModel, path, "DiT", subfolder="transformer")
+    scheduler = load_pretrained(CogVideoXDDIMScheduler, path, "scheduler", subfolder="scheduler")
+    clip, tokenizer = load_clip(args, path / "clip.pt")
+    return VideoModel(vae.eval().requires_grad_(False), transformer.eval(), scheduler, clip, tokenizer, name=path.name)
+
+
+def pretrain(args: Args, out: Path | None = None, progress: bool = True) -> Path:
+    """CLI `pretrain` (toy model): demos of PRETRAIN_TASKS -> the small CLIP, the VAE, then the DiT on
+    all tasks' videos. Each stage is cached by a key of its inputs and resumable. Returns the folder."""
+    from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
+    if args.video_model != "toy":
+        raise VdrError("`pretrain` trains the toy model; a pretrained --video-model needs only `finetune`")
+    t0 = time.time()
+    # only the frames of the training videos are rendered: ~3x faster collection
+    demos = {t: collect_demos(args, t, episodes=args.pretrain_episodes, frames=args.video_frames, progress=progress)
+             for t in PRETRAIN_TASKS}
+    clip_path = train_clip(args, demos, progress)
+    videos = {d["prompt"]: training_videos(args, d) for d in demos.values()}
+    vae_path = train_vae(args, videos, progress)
+    path = cache_path(args, "video", "", task="pretrain", clip=clip_path.name, vae=vae_path.name,
+                      config=TOY_DIT_CONFIG, scheduler=SCHEDULER_CONFIG, steps=args.dit_steps,
+                      batch=args.dit_batch, lr=args.dit_lr)
+    if not path.exists():
+        seed_everything(args.seed)
+        clip, tokenizer = load_clip(args, clip_path)
+        vae = load_pretrained(AutoencoderKLCogVideoX, vae_path, "VAE").eval()
+        model = VideoModel(vae, CogVideoXTransformer3DModel(**TOY_DIT_CONFIG),
+                           CogVideoXDDIMScheduler(**SCHEDULER_CONFIG), clip, tokenizer)
+        losses = train_dit(args, model, videos, args.dit_steps, args.dit_lr, path, "pretrain dit", progress)
+        save_toy_model(model, path, losses)
+    if out:
+        write_json(Path(out) / "metrics.json", {"model": str(path), "wall_seconds": time.time() - t0})
+    print(f"pretrained toy video model ({time.time() - t0:.0f} s) -> {path}")
+    return path
+
+
+def finetune(args: Args, out: Path | None = None, progress: bool = True) -> Path:
+    """CLI `finetune`: the pretrained video model finetuned on args.task's demo videos (E1), cached.
+    Toy: the whole DiT continues training; paper (a named --video-model): LoRA adapters on its DiT."""
+    t0 = time.time()
+    demos = collect_demos(args, progress=progress)
+    videos = {demos["prompt"]: training_videos(args, demos)}
+    if args.video_model != "toy":
+        path = finetune_lora(args, videos, progress)
+    else:
+        base = pretrain(args, progress=progress)
+        path = cache_path(args, "video", "", task=args.task, base=base.name, episodes=args.episodes,
+                          steps=args.finetune_steps, batch=args.dit_batch, lr=args.finetune_lr)
+        if not path.exists():
+            seed_everything(args.seed)
+            model = load_toy_model(args, base)
+            losses = train_dit(args, model, videos, args.finetune_steps, args.finetune_lr, path,
+                               f"finetune {args.task}", progress)
+            save_toy_model(model, path, losses)
+    if out:
+        write_json(Path(out) / "metrics.json", {"model": str(path), "wall_seconds": time.time() - t0})
+    print(f"finetuned video model for {args.task} ({time.time() - t0:.0f} s) -> {path}")
+    return path
+
+
+# ---- 3e. the paper path: a real pretrained CogVideoX image-to-video checkpoint, finetuned with LoRA ----
+# Not runnable offline; the tests run these same calls on a tiny checkpoint they save in the real layout
+# (model_index.json, vae/, transformer/, scheduler/, text_encoder/, tokenizer/).
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections, as diffusers' CogVideoX LoRA script
+
+
+def load_pipeline(args: Args):
+    """diffusers' CogVideoXImageToVideoPipeline from a hub id or a local folder, in args.dtype."""
+    from diffusers import CogVideoXImageToVideoPipeline
+    pipe = load_pretrained(CogVideoXImageToVideoPipeline, args.video_model, "video model",
+                           dtype=getattr(torch, args.dtype))
+    return pipe.to(args.device)
+
+
+def lora_path(args: Args) -> Path:
+    return cache_path(args, "lora", "", task=args.task, model=args.video_model, episodes=args.episodes,
+                      rank=args.lora_rank, steps=args.finetune_steps, batch=args.dit_batch, lr=args.finetune_lr)
+
+
+def finetune_lora(args: Args, videos: dict[str, np.ndarray], progress: bool = True) -> Path:
+    """E1 with LoRA (rank args.lora_rank) on the pretrained DiT; VAE, T5 and the DiT's weights frozen.
+    Saves the adapters with diffusers' save_lora_weights. Memory: see the README (paper preset)."""
+    from diffusers import CogVideoXImageToVideoPipeline
+    try:
+        from peft import LoraConfig, get_peft_model_state_dict  # optional: only this path needs peft
+    except ImportError:
+        raise VdrError("LoRA finetuning needs peft: pip install peft") from None
+    path = lora_path(args)
+    if path.exists():
+        return path
+    seed_everything(args.seed)
+    pipe = load_pipeline(args)
+    transformer = pipe.transformer.requires_grad_(False)
+    transformer.add_adapter(LoraConfig(r=args.lora_rank, lora_alpha=args.lora_rank, init_lora_weights=True,
+                                       target_modules=LORA_TARGETS))
+    for p in transformer.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()  # adapters train in float32, the frozen weights stay in bf16
+    if args.device.startswith("cuda"):
+        transformer.enable_gradient_checkpointing()  # 49 frames at 480 px: activations dominate memory
+    model = VideoModel(pipe.vae, transformer, pipe.scheduler, None, None, pipe=pipe, name=args.video_model)
+    rotary = None
+    if transformer.config.use_rotary_positional_embeddings:  # CogVideoX-5B: 3D rotary positions
+        video = next(iter(videos.values()))
+        rotary = pipe._prepare_rotary_positional_embeddings(video.shape[2], video.shape[3],
+                                                            (args.video_frames - 1) // 4 + 1, args.device)
+    latents, image_latents, prompt_embeds = [], [], []
+    for prompt, v in videos.items():
+        lat, img = encode_videos(pipe.vae, v, batch=1)
+        latents.append(lat); image_latents.append(img)
+        prompt_embeds.append(model.prompt_embeds([prompt]).float().cpu().expand(len(v), -1, -1))
+    latents, image_latents, prompt_embeds = torch.cat(latents), torch.cat(image_latents), torch.cat(prompt_embeds)
+    dtype = getattr(torch, args.dtype)
+
+    def loss(gen):
+        i = torch.randint(len(latents), (args.dit_batch,), generator=gen)
+        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            return diffusion_loss(transformer, pipe.scheduler, latents[i].to(args.device, dtype),
+                                  image_latents[i].to(args.device, dtype), prompt_embeds[i].to(args.device, dtype),
+                                  gen, image_rotary_emb=rotary)
+
+    fit(transformer, loss, args.finetune_steps, args.finetune_lr, args.seed, path.with_suffix(".state"),
+        f"LoRA {args.task}", progress)
+    lora = get_peft_model_state_dict(transformer)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    CogVideoXImageToVideoPipeline.save_lora_weights(tmp, transformer_lora_layers=lora)
+    os.replace(tmp, path)
+    return path
+
+
+def load_video_model(args: Args, finetuned: bool = True) -> VideoModel:
+    """The video model for args.task: toy (pretrained, then finetuned on the task, both cached) or the
+    named pretrained checkpoint with the task's LoRA adapters loaded (if finetuned)."""
+    if args.video_model == "toy":
+        return load_toy_model(args, finetune(args) if finetuned else pretrain(args))
+    pipe = load_pipeline(args)
+    name = args.video_model
+    if finetuned:
+        path = finetune(args)
+        pipe.load_lora_weights(str(path))
+        name = f"{name}+{path.name}"
+    clip, tokenizer = load_clip(args)
+    return VideoModel(pipe.vae, pipe.transformer, pipe.scheduler, clip, tokenizer, pipe=pipe, name=name)
+
+
+# ---- 3f. goal videos ----
+GUIDANCE_SCALE = 6.0  # CogVideoX's default classifier-free guidance (paper path only; the toy DiT is
+                      # trained without prompt dropout, so it has no unconditional mode to guide against)
+
+
+@torch.no_grad()
+def generate_video(model: VideoModel, first_frame: np.ndarray, prompt: str, num_frames: int, seed: int,
+                   steps: int = 50) -> np.ndarray:
+    """E1 at inference: a goal video (num_frames, H, W, 3) uint8 from the agent's first frame (H, W, 3)
+    and the task prompt. Same seed -> same video."""
+    gen = torch.Generator().manual_seed(seed)
+    if model.pipe is not None:  # the paper path: diffusers' pipeline (adds rotary positions and CFG)
+        from PIL import Image
+        H, W = first_frame.shape[:2]
+        video = model.pipe(image=Image.fromarray(first_frame), prompt=prompt, height=H, width=W,
+                           num_frames=num_frames, num_inference_steps=steps, guidance_scale=GUIDANCE_SCALE,
+                           generator=torch.Generator(model.transformer.device).manual_seed(seed),
+                           output_type="np").frames[0]  # (F, H, W, 3) in [0, 1]
+        return (np.asarray(video) * 255).round().astype(np.uint8)
+    image_latents = vae_encode(model.vae, to_video_tensor(first_frame[None, None]))  # (1, 1, C, h, w)
+    latents = sample_latents(model.transformer, model.scheduler, image_latents, model.prompt_embeds([prompt]),
+                             (num_frames - 1) // 4 + 1, gen, steps)  # (1, k+1, C, h, w)
+    return to_frames(vae_decode(model.vae, latents))[0]  # (F, H, W, 3)
+
+
+def goal_video(args: Args, model: VideoModel, first_frame: np.ndarray, seed: int) -> np.ndarray:
+    """generate_video, cached by the model, the first frame and the seed (a goal video is reused by every
+    reward computed against it)."""
+    path = cache_path(args, "goal", ".npy", task=args.task, model=model.name, frames=args.video_frames,
+                      steps=args.sample_steps, seed=seed,
+                      first_frame=hashlib.sha1(np.ascontiguousarray(first_frame).tobytes()).hexdigest())
+    if path.exists():
+        return np.load(path)
+    video = generate_video(model, first_frame, task_prompt(args.task), args.video_frames, seed, args.sample_steps)
+    atomic_write(path, lambda tmp: np.save(tmp, video))
+    return video
+
+
+def save_gif(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
+    """A video (T, H, W, 3) uint8 as an animated GIF (8 fps, the paper's goal-video rate), looping."""
+    from PIL import Image
+    images = [Image.fromarray(f) for f in frames]
+    return atomic_write(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
+                                                          append_images=images[1:], duration=1000 // fps, loop=0))
+
+
+def goal(args: Args, out: Path | None = None) -> dict:
+    """CLI `goal`: a goal video for the task from the first frame of held-out initial state
+    HELDOUT_SEED0 + seed; writes goal.gif and goal_strip.png."""
+    out = Path(out or default_out(args, "goal"))
+    model = load_video_model(args)
+    with make_env(args) as env:
+        env.reset(seed=HELDOUT_SEED0 + args.seed)
+        first_frame = env.render()
+    t0 = time.time()
+    video = generate_video(model, first_frame, task_prompt(args.task), args.video_frames, args.seed,
+                           args.sample_steps)
+    seconds = time.time() - t0
+    save_gif(video, out / "goal.gif")
+    save_frame_strip(video, out / "goal_strip.png", n=min(9, len(video)))
+    metrics = {"task": args.task, "prompt": task_prompt(args.task), "frames": len(video),
+               "seconds_per_video": seconds, "model": model.name}
+    write_json(out / "metrics.json", metrics)
+    print(f"goal video for {args.task} ({len(video)} frames, {seconds:.1f} s): '{task_prompt(args.task)}' -> {out}")
+    return metrics
+
+
+# ---- 3g. how good are the goal videos? ----
+# On held-out initial states, the scripted expert's real video is the reference. The task changes few
+# pixels (arm, object), so the score looks only there: the mask is where the real video's last frame
+# differs from its first. Every video is compared as a VAE decoder output (the real one and the baselines
+# after the same round trip D(E(V)), the generated one as decoded), so the VAE's blur counts against no
+# method; the VAE's own error on the mask is reported beside.
+MASK_THRESHOLD = 24  # uint8 levels (of 255) a pixel must change by to count as "changed by the task"
+
+
+@torch.no_grad()
+def round_trip(vae, videos: np.ndarray) -> np.ndarray:
+    """D(E(V)) for videos (N, F, H, W, 3) uint8 -> same shape."""
+    return np.concatenate([to_frames(vae_decode(vae, vae_encode(vae, to_video_tensor(v[None])))) for v in videos])
+
+
+def latent_cosine(vae, a: np.ndarray, b: np.ndarray) -> float:
+    """E2's similarity between two videos (F, H, W, 3): cosine of their flattened VAE latents."""
+    with torch.no_grad():
+        za, zb = (vae_encode(vae, to_video_tensor(v[None])).flatten() for v in (a, b))
+    return float(F.cosine_similarity(za, zb, dim=0))
+
+
+def eval_video(args: Args, out: Path | None = None, progress: bool = True) -> dict:
+    """CLI `eval-video`: generated goal videos vs the expert's real videos on held-out initial states,
+    against two baselines: (a) the first frame repeated, (b) the training demo with the nearest first
+    frame. Writes metrics.json ({method: {final_frame_mse, latent_cosine}}) and side_by_side.png."""
+    from tqdm import tqdm
+    out = Path(out or default_out(args, "eval-video"))
+    model = load_video_model(args)
+    demos = training_videos(args, collect_demos(args, progress=progress))  # (N, F, H, W, 3)
+    real = training_videos(args, collect_demos(args, seed0=HELDOUT_SEED0, episodes=args.eval_videos,
+                                               progress=progress))  # (M, F, H, W, 3)
+    t0, generated = time.time(), []
+    for i, video in enumerate(tqdm(real, desc="generate", disable=not progress)):
+        generated.append(goal_video(args, model, video[0], seed=args.seed + i))
+    seconds = (time.time() - t0) / len(real)
+    nearest = [demos[np.argmin(((demos[:, 0].astype(np.float32) - v[0]) ** 2).sum(axis=(1, 2, 3)))] for v in real]
+    methods = {"generated": np.stack(generated), "first_frame_repeated": np.repeat(real[:, :1], real.shape[1], 1),
+               "nearest_demo": np.stack(nearest)}
+    real_rt = round_trip(model.vae, real)
+    # mask (M, H, W): pixels where the task changed the real video
+    mask = np.abs(real[:, -1].astype(np.int16) - real[:, 0]).max(-1) > MASK_THRESHOLD
+
+    def masked_mse(a, b):  # a, b (M, H, W, 3) uint8 -> mean over videos of the MSE on each mask, in [0, 1]^2
+        err = ((a.astype(np.float32) - b) / 255) ** 2
+        return float(np.mean([e[m].mean() for e, m in zip(err, mask) if m.any()]))
+
+    metrics = {"task": args.task, "videos": len(real), "frames": args.video_frames,
+               "mask_fraction": float(mask.mean()), "seconds_per_video": seconds,
+               "vae_reconstruction_mse": masked_mse(real_rt[:, -1], real[:, -1])}
+    # every video is scored as one VAE decoder output: the real video and the baselines after one round
+    # trip D(E(.)), the generated one as generated, D(x0) (a second round trip would blur it twice)
+    rts = {name: videos if name == "generated" else round_trip(model.vae, videos) for name, videos in methods.items()}
+    for name, videos in methods.items():
+        metrics[name] = {"final_frame_mse": masked_mse(rts[name][:, -1], real_rt[:, -1]),
+                         "latent_cosine": float(np.mean([latent_cosine(model.vae, v, r) for v, r in zip(videos, real)]))}
+    metrics["generated"]["final_frame_mse_after_another_round_trip"] = masked_mse(
+        round_trip(model.vae, methods["generated"])[:, -1], real_rt[:, -1])
+    write_json(out / "metrics.json", metrics)
+    side_by_side(real, real_rt, methods, out / "side_by_side.png")
+    print(f"\n{args.task}: goal videos vs the expert's real video on {len(real)} held-out initial states "
+          f"({seconds:.1f} s per generated video)")
+    print(f"{'method':24s} {'final_frame_mse':>16s} {'latent_cosine':>14s}")
+    for name in methods:
+        print(f"{name:24s} {metrics[name]['final_frame_mse']:16.4f} {metrics[name]['latent_cosine']:14.3f}")
+    print(f"{'(VAE round trip alone)':24s} {metrics['vae_reconstruction_mse']:16.4f}")
+    return metrics
+
+
+def side_by_side(real, real_rt, methods: dict, path: Path, rows: int = 3, n: int = 6) -> Path:
+    """PNG: for `rows` held-out states, strips of n frames: real, its VAE round trip, then each method."""
+    from PIL import Image, ImageDraw
+    strips = []
+    for i in range(min(rows, len(real))):
+        for name, videos in {"real": real, "real (VAE)": real_rt, **methods}.items():
+            strip = np.concatenate(list(resample(videos[i], n)), axis=1)  # (H, n*W, 3)
+            label = np.full((strip.shape[0], 150, 3), 255, np.uint8)
+            img = Image.fromarray(label); ImageDraw.Draw(img).text((4, strip.shape[0] // 2 - 6), name, fill=0)
+            strips.append(np.concatenate([np.asarray(img), strip], axis=1))
+        strips.append(np.full((6, strips[-1].shape[1], 3), 255, np.uint8))  # a gap between states
+    grid = Image.fromarray(np.concatenate(strips))
+    return atomic_write(path, lambda tmp: grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(tmp, format="PNG"))
 
 
 # =====================================================================================================
@@ -765,6 +1583,10 @@ def run(args: Args) -> dict:
 COMMANDS = {
     "run": (run, "the main job: demos, then SAC on the task, then a report (the default command)"),
     "collect": (collect, "collect and cache scripted-expert demos of a task; print the success rate"),
+    "pretrain": (pretrain, "train the toy video model (CLIP, VAE, DiT) on expert videos of several tasks"),
+    "finetune": (finetune, "finetune the video model on the task's expert videos (toy: whole DiT; paper: LoRA)"),
+    "goal": (goal, "generate a goal video from a held-out first frame and the task prompt (GIF + PNG)"),
+    "eval-video": (eval_video, "score generated goal videos against the expert's real videos, with baselines"),
     "train": (train, "train SAC on a task with a reward mode; write metrics.json and a learning curve"),
 }
 
