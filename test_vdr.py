@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import vdr
 
@@ -321,6 +322,66 @@ def test_paper_path_loads_finetunes_with_lora_and_generates_from_a_saved_checkpo
 def test_unknown_video_model_is_a_clear_error(tmp_path):
     with pytest.raises(vdr.VdrError, match="could not load the video model"):
         vdr.load_video_model(video_args(tmp_path, video_model=str(tmp_path / "nowhere")), finetuned=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# 4-5. Video-level reward (E2) and goal frame (E3)
+# ---------------------------------------------------------------------------------------------------
+
+def test_agent_clips_linspace_and_window():
+    frames = np.arange(21)[:, None, None, None] * np.ones((1, 2, 2, 3), np.uint8)  # frame t has value t
+    lin = vdr.agent_clips(frames, np.array([20, 8]), 5, "linspace", spacing=5)
+    assert list(lin[0, :, 0, 0, 0]) == [0, 5, 10, 15, 20] and list(lin[1, :, 0, 0, 0]) == [0, 2, 4, 6, 8]
+    win = vdr.agent_clips(frames, np.array([20, 8]), 5, "window", spacing=5)
+    assert list(win[0, :, 0, 0, 0]) == [0, 5, 10, 15, 20] and list(win[1, :, 0, 0, 0]) == [0, 0, 0, 3, 8]
+    with pytest.raises(vdr.VdrError, match="unknown video clip mode"):
+        vdr.agent_clips(frames, np.array([3]), 5, "nope", spacing=5)
+
+
+def test_video_reward_is_one_for_the_goal_itself_and_scale_invariant():
+    from diffusers import AutoencoderKLCogVideoX
+    torch.manual_seed(0)
+    vae = AutoencoderKLCogVideoX(**TINY_VAE).eval()
+    rng = np.random.default_rng(0)
+    episode = rng.integers(0, 256, (41, 64, 64, 3), dtype=np.uint8)  # T = 40 steps
+    goal = vdr.resample(episode, 9)  # the whole episode resampled = the last "linspace" clip
+    goal_latents = vdr.vae_encode(vae, vdr.to_video_tensor(goal[None]))
+    r = vdr.video_reward(vae, episode, goal_latents, num_frames=9, every=10)
+    assert r.shape == (40,) and r.dtype == np.float32
+    assert r[-1] == pytest.approx(1.0, abs=1e-5)  # E2 of the goal video with itself
+    assert np.all(r[:10] == r[0]) and np.all(r[30:] == r[-1])  # held between computations
+    again = vdr.video_reward(vae, episode, 3.0 * goal_latents, num_frames=9, every=10)
+    np.testing.assert_allclose(again, r, atol=1e-6)  # cosine ignores positive scaling
+
+
+class PlantedClip(torch.nn.Module):
+    """A stand-in CLIP whose image embedding is the frame's mean colour and whose text embedding is red:
+    the frame that is most red must be picked."""
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.visual = type("Visual", (), {"image_size": 8})()
+
+    def encode_image(self, x, normalize=True):
+        return F.normalize(x.mean(dim=(2, 3)), dim=-1)  # (N, 3)
+
+    def encode_text(self, tokens, normalize=True):
+        return F.normalize(torch.tensor([[1.0, -1.0, -1.0]]).expand(len(tokens), 3), dim=-1)
+
+
+
+def test_goal_frame_selection_returns_the_planted_frame():
+    frames = np.full((9, 8, 8, 3), 120, np.uint8)
+    frames[6, ..., 0] = 250  # the one red frame
+    index, scores = vdr.select_goal_frame(PlantedClip(), lambda prompts: torch.zeros(len(prompts), 4),
+                                          frames, ["a red frame", "something red"])
+    assert index == 6 and scores.shape == (9,) and scores.argmax() == 6
+
+
+def test_goal_prompts_per_preset():
+    assert vdr.goal_prompts(vdr.make_args(task="drawer-open-v3")) == [
+        vdr.caption(vdr.task_prompt("drawer-open-v3"), "done")]
+    assert vdr.goal_prompts(vdr.make_args(clip_model="ViT-B-32")) == list(vdr.PAPER_GOAL_PROMPTS)
 
 
 # ---------------------------------------------------------------------------------------------------
