@@ -385,6 +385,48 @@ def test_goal_prompts_per_preset():
 
 
 # ---------------------------------------------------------------------------------------------------
+# 6. FB representation (E4, E5)
+# ---------------------------------------------------------------------------------------------------
+
+def test_fb_recovers_the_successor_measure_of_a_small_markov_chain():
+    """On a 6-state chain with one-hot states, F^T B rho must match the closed form
+    M(s, g) = sum_t gamma^t P^(t+1)(s, g) = [P (I - gamma P)^-1](s, g)  (reaching g at the NEXT step on)."""
+    n, gamma = 6, 0.8
+    rng = np.random.default_rng(0)
+    P = rng.dirichlet(np.ones(n) * 0.5, size=n)  # (n, n) transition matrix
+    truth = P @ np.linalg.inv(np.eye(n) - gamma * P)
+    fb = vdr.FB(obs_dim=n, act_dim=1, feature_dim=n, gamma=gamma, d=8, hidden=64, lr=3e-3, tau=0.1, seed=0)
+    eye, cum, act = torch.eye(n), P.cumsum(1), torch.zeros(256, 1)  # one action: a' is the data's next action
+    for _ in range(2000):
+        s = rng.integers(n, size=256)
+        s2 = (rng.random(256)[:, None] > cum[s]).sum(1)  # s' ~ P(s, .)
+        fb.update(dict(obs=eye[s], actions=act, next_obs=eye[s2], next_actions=act, next_features=eye[s2]))
+    rho = P.mean(0)  # the distribution of the goals g = s' in the data (s uniform)
+    with torch.no_grad():
+        z = vdr.sample_z(n, 8, torch.Generator().manual_seed(1))
+        M = fb.F(eye, torch.zeros(n, 1), z).min(0).values @ fb.B(eye).T  # (n, n): F(s)^T B(g)
+    estimate = M.numpy() * rho[None, :]
+    assert np.abs(estimate - truth).max() < 0.1 * truth.max(), np.round(estimate - truth, 2)  # 0.063 measured
+    assert np.corrcoef(estimate.ravel(), truth.ravel())[0, 1] > 0.98
+
+
+def test_fb_loss_orthonormality_term_is_minimal_for_orthonormal_b():
+    d = 4
+    zeros = torch.zeros(2, d, d)
+    ortho = lambda B: vdr.fb_loss(zeros, zeros[0], B, 0.9)[1]["losses/ortho"]
+    assert ortho(torch.eye(d)) == pytest.approx(-2.0)  # B_i^T B_j = delta_ij: 0 off-diagonal, -2 * 1
+    assert ortho(torch.eye(d)) < ortho(torch.ones(d, d) / 2) and ortho(torch.eye(d)) < ortho(0.5 * torch.eye(d))
+
+
+def test_fb_reward_shape_and_goal_z_on_the_sphere():
+    fb = vdr.FB(obs_dim=5, act_dim=2, feature_dim=3, d=8, hidden=16)
+    z = fb.goal_z(torch.randn(3))
+    assert z.shape == (8,) and z.norm().item() == pytest.approx(np.sqrt(8), rel=1e-5)
+    r = fb.reward(torch.randn(7, 5), torch.randn(7, 2), torch.randn(3))
+    assert r.shape == (7,)
+
+
+# ---------------------------------------------------------------------------------------------------
 # 7. SAC
 # ---------------------------------------------------------------------------------------------------
 

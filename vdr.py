@@ -30,14 +30,16 @@ Sections of this file, in pipeline order (equation numbers E1-E6 are those of th
                         finetuned here; or the real CogVideoX-5B-I2V with LoRA; goal videos; eval-video
   4. Video reward       E2: cosine similarity of the agent's clip and the goal video in VAE latent space
   5. Goal frame         E3: the goal video's frame CLIP scores highest against the goal prompt
+  6. FB reward          E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*
   7. SAC                compact soft actor-critic in CleanRL's conventions [4]
   8. Training loop      reward modes, evaluation, reports, the command line
-Section 6 (the FB representation and frame-level reward, E4-E5) and the reward benchmark come next.
+Next to land: the reward benchmark (eval-reward), E6's combination in the training loop, and DCS.
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
     [3] Haarnoja et al. "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905, 2018.
     [4] Huang et al. "CleanRL: High-quality Single-file Implementations of Deep RL Algorithms", JMLR 2022.
+    [5] Touati & Ollivier. "Learning One Representation to Optimize All Rewards", NeurIPS 2021.
 
 Usage:
     python vdr.py                                   # the main job on the tiny preset (see README)
@@ -223,6 +225,12 @@ def check_args(args: Args) -> None:
 
 
 # ---- small plumbing used by every section: seeding, atomic files, cache keys, a metrics logger ----
+
+def mlp(inp: int, out: int, hidden: int) -> nn.Sequential:
+    """Two hidden ReLU layers: the networks of SAC (section 7) and FB (section 6)."""
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out))
+
 
 def seed_everything(seed: int) -> np.random.Generator:
     """Seed torch's global generator and return a numpy Generator; same seed -> same numbers on CPU."""
@@ -1372,6 +1380,122 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 
 
 # =====================================================================================================
+# 6. Forward-backward representation and the frame-level reward (E4, E5)
+# =====================================================================================================
+# E4 (Touati & Ollivier [5]). F(s, a, z): (d,) and B(g): (d,) factor the successor measure,
+#     M(s, a, dg) ~ F(s, a, z)^T B(g) rho(dg),
+# the discounted probability of reaching g from (s, a), relative to the data distribution rho. Trained on
+# replay transitions (s_i, a_i, s'_i, a'_i), a'_i the action taken next in the data (so M is the measure of
+# the policy that collected the data), with g_j = s'_j of the same batch as the goals:
+#     M_ij    = F(s_i, a_i, z_i)^T B(g_j)                                   (per F head)
+#     Mbar_ij = min_k F_target,k(s'_i, a'_i, z_i)^T B_target(g_j)
+#     L_FB    = 1/2 mean_{i != j} (M_ij - gamma Mbar_ij)^2  -  mean_i M_ii
+#     L_ortho = mean_{i != j} (B_i^T B_j)^2  -  2 mean_i |B_i|^2          (pushes E[B B^T] toward I)
+#     loss    = L_FB + lambda_ortho L_ortho
+# z is drawn on the sphere of radius sqrt(d), and B's output is normalised onto it too.
+# The agent's side, F, sees the state and action; the goal side, B, sees image features psi(frame) of a
+# rendered frame, so that a goal *image* (E3's goal frame) can be fed to it. psi is ONE frozen extractor,
+# the CLIP image encoder, at training and at reward time. (The published code feeds B a learned projection
+# of the agent's CNN features in training and DINOv3 features at reward time; vdr does not copy that mix.)
+#
+# E5.  z* = sqrt(d) normalize(B(psi(I*))),   r_fb(s, a) = min_k F_k(s, a, z*)^T z*
+FB_DIM = 64  # d, published
+FB_HIDDEN = 512  # published
+FB_LR = 1e-4  # published (Adam)
+FB_ORTHO = 1.0  # lambda_ortho, published
+FB_TAU = 0.01  # target soft update, published
+FB_BATCH = 1024  # published
+
+
+def sample_z(n: int, d: int, gen: torch.Generator | None = None) -> torch.Tensor:
+    """n task vectors on the sphere of radius sqrt(d): (n, d)."""
+    return math.sqrt(d) * F.normalize(torch.randn(n, d, generator=gen), dim=-1)
+
+
+class ForwardMap(nn.Module):
+    """F(s, a, z) -> (2, n, d): twin heads, as twin critics in SAC (the min fights overestimation)."""
+
+    def __init__(self, obs_dim: int, act_dim: int, d: int = FB_DIM, hidden: int = FB_HIDDEN):
+        super().__init__()
+        self.heads = nn.ModuleList([mlp(obs_dim + act_dim + d, d, hidden) for _ in range(2)])
+
+    def forward(self, obs, actions, z):
+        x = torch.cat([obs, actions, z], dim=-1)  # (n, obs_dim + act_dim + d)
+        return torch.stack([head(x) for head in self.heads])  # (2, n, d)
+
+
+class BackwardMap(nn.Module):
+    """B(psi(frame)) -> (n, d) on the sphere of radius sqrt(d)."""
+
+    def __init__(self, feature_dim: int, d: int = FB_DIM, hidden: int = FB_HIDDEN):
+        super().__init__()
+        self.net, self.d = mlp(feature_dim, d, hidden), d
+
+    def forward(self, features):
+        return math.sqrt(self.d) * F.normalize(self.net(features), dim=-1)  # (n, d)
+
+
+def fb_loss(M: torch.Tensor, M_target: torch.Tensor, B: torch.Tensor, gamma: float,
+            ortho: float = FB_ORTHO) -> tuple[torch.Tensor, dict]:
+    """E4's loss from the batch's measure matrices. M (2, n, n): M_ij per F head; M_target (n, n): Mbar_ij
+    (already the min over heads, no gradient); B (n, d): B(g_j). Returns (loss, metrics)."""
+    n = B.shape[0]
+    off = ~torch.eye(n, dtype=torch.bool, device=B.device)  # (n, n) the i != j entries
+    diff = M - gamma * M_target  # (2, n, n)
+    l_fb = (0.5 * diff[:, off].pow(2).mean(-1) - M.diagonal(dim1=1, dim2=2).mean(-1)).sum()  # both heads
+    cov = B @ B.T  # (n, n): B_i^T B_j
+    l_ortho = cov[off].pow(2).mean() - 2 * cov.diagonal().mean()
+    loss = l_fb + ortho * l_ortho
+    return loss, {"losses/fb": l_fb.item(), "losses/ortho": l_ortho.item(), "fb/M_diag": M.diagonal(dim1=1, dim2=2).mean().item()}
+
+
+class FB:
+    """The FB representation with its targets and optimiser; `update(batch)` is one step of E4 and
+    `reward(obs, actions, goal_features)` is E5. A batch is a dict of tensors: obs (n, obs_dim),
+    actions (n, act_dim), next_obs (n, obs_dim), next_actions (n, act_dim), next_features (n, feature_dim)
+    = psi of the frame after each transition."""
+
+    def __init__(self, obs_dim: int, act_dim: int, feature_dim: int, gamma: float = 0.98, d: int = FB_DIM,
+                 hidden: int = FB_HIDDEN, lr: float = FB_LR, tau: float = FB_TAU, seed: int = 0):
+        import copy
+        torch.manual_seed(seed)
+        self.F, self.B = ForwardMap(obs_dim, act_dim, d, hidden), BackwardMap(feature_dim, d, hidden)
+        self.F_target, self.B_target = copy.deepcopy(self.F), copy.deepcopy(self.B)
+        self.opt = torch.optim.Adam([*self.F.parameters(), *self.B.parameters()], lr=lr)
+        self.gamma, self.tau, self.d = gamma, tau, d
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def update(self, batch: dict) -> dict:
+        z = sample_z(len(batch["obs"]), self.d, self.gen)  # (n, d), one z per transition
+        with torch.no_grad():
+            B_target = self.B_target(batch["next_features"])  # (n, d)
+            F_next = self.F_target(batch["next_obs"], batch["next_actions"], z)  # (2, n, d)
+            M_target = (F_next @ B_target.T).min(0).values  # (n, n)
+        B = self.B(batch["next_features"])  # (n, d): g_j = s'_j
+        M = self.F(batch["obs"], batch["actions"], z) @ B.T  # (2, n, n)
+        loss, metrics = fb_loss(M, M_target, B, self.gamma)
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():  # Polyak averaging of the targets
+            for net, target in ((self.F, self.F_target), (self.B, self.B_target)):
+                for p, tp in zip(net.parameters(), target.parameters()):
+                    tp.lerp_(p, self.tau)
+        return metrics
+
+    @torch.no_grad()
+    def goal_z(self, goal_features: torch.Tensor) -> torch.Tensor:
+        """z* = sqrt(d) normalize(B(psi(I*))): (feature_dim,) -> (d,)."""
+        return math.sqrt(self.d) * F.normalize(self.B(goal_features[None])[0], dim=-1)
+
+    @torch.no_grad()
+    def reward(self, obs: torch.Tensor, actions: torch.Tensor, goal_features: torch.Tensor) -> torch.Tensor:
+        """E5: r_fb = min_k F_k(s, a, z*)^T z* for a batch (n, obs_dim), (n, act_dim) -> (n,)."""
+        z = self.goal_z(goal_features).expand(len(obs), -1)  # (n, d)
+        return (self.F(obs, actions, z) * z).sum(-1).min(0).values  # (n,)
+
+
+# =====================================================================================================
 # 7. SAC: soft actor-critic [3], in CleanRL's conventions [4]
 # =====================================================================================================
 # Maximise  E[ sum_t gamma^t (r_t + alpha * H(pi(.|s_t))) ]  with
@@ -1382,11 +1506,6 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 # Shapes: obs (B, obs_dim), actions (B, act_dim) in [-1, 1], rewards / dones (B,).
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # bounds on the actor's log std (CleanRL, from Denis Yarats' SAC)
-
-
-def mlp(inp: int, out: int, hidden: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, out))
 
 
 def tanh_gaussian_sample(mean: torch.Tensor, log_std: torch.Tensor):
