@@ -253,6 +253,21 @@ def atomic_write(path: Path, write) -> Path:
     return path
 
 
+def atomic_dir(path: Path, write) -> Path:
+    """Call write(tmp_dir), then rename tmp_dir to path: the same for a folder (a saved model)."""
+    import shutil
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
 def write_json(path: Path, obj) -> Path:
     return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
 
@@ -764,7 +779,7 @@ def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True) 
         sample = to_video_tensor(all_videos[:: max(1, len(all_videos) // 64)])
         std = torch.cat([vae.encode(v[None]).latent_dist.mean for v in sample]).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
-    return save_pretrained_atomic(vae, path)
+    return atomic_dir(path, vae.save_pretrained)
 
 
 def cpu_bf16_autocast():
@@ -860,21 +875,6 @@ def load_pretrained(cls, path, what: str, **kwargs):
                        "check the name or folder, or delete a corrupt cache folder and run again") from None
 
 
-def save_pretrained_atomic(model, path: Path, **kwargs) -> Path:
-    """model.save_pretrained into a temporary folder, then one rename: never a half-written model folder."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        model.save_pretrained(tmp, **kwargs)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
-    return path
-
-
 def fit(model: nn.Module, loss_fn, steps: int, lr: float, seed: int, state: Path, desc: str,
         progress: bool = True) -> list[float]:
     """The one training loop of the video models: AdamW on loss_fn(gen) for `steps` steps, with a linear
@@ -954,22 +954,28 @@ class VideoModel:
 
 
 def train_dit(args: Args, model: VideoModel, videos: dict[str, np.ndarray], steps: int, lr: float, path: Path,
-              desc: str, progress: bool = True) -> list[float]:
-    """Train model.transformer with E1 on videos {prompt: (N, F, H, W, 3)}; the VAE and text encoder stay
-    frozen, so the latents and prompt tokens are computed once, up front."""
+              desc: str, progress: bool = True, image_rotary_emb=None) -> list[float]:
+    """Train model.transformer (or its LoRA adapters) with E1 on videos {prompt: (N, F, H, W, 3)}. The VAE
+    and the text encoder stay frozen, so the latents and prompt tokens are computed once, up front."""
     model.vae.requires_grad_(False)
     latents, image_latents, prompt_embeds = [], [], []
     for prompt, v in videos.items():
-        lat, img = encode_videos(model.vae, v)
+        lat, img = encode_videos(model.vae, v, batch=1 if model.pipe else 8)
         latents.append(lat); image_latents.append(img)
-        prompt_embeds.append(model.prompt_embeds([prompt]).float().expand(len(v), -1, -1))
+        prompt_embeds.append(model.prompt_embeds([prompt]).float().cpu().expand(len(v), -1, -1))
     latents, image_latents, prompt_embeds = torch.cat(latents), torch.cat(image_latents), torch.cat(prompt_embeds)
     # (N, k+1, C, h, w), (N, 1, C, h, w), (N, L, D)
+    if model.pipe is not None:
+        model.pipe.text_encoder.to("cpu")  # T5-XXL (~9 GB in bf16) is not needed again while training
+        if args.device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    dtype = getattr(torch, args.dtype)
 
     def loss(gen):
         i = torch.randint(len(latents), (args.dit_batch,), generator=gen)
-        return diffusion_loss(model.transformer, model.scheduler, latents[i], image_latents[i],
-                              prompt_embeds[i], gen)
+        batch = (x[i].to(args.device, dtype) for x in (latents, image_latents, prompt_embeds))
+        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
+            return diffusion_loss(model.transformer, model.scheduler, *batch, gen, image_rotary_emb=image_rotary_emb)
 
     return fit(model.transformer, loss, steps, lr, args.seed, path.with_suffix(".state"), desc, progress)
 
@@ -977,20 +983,12 @@ def train_dit(args: Args, model: VideoModel, videos: dict[str, np.ndarray], step
 def save_toy_model(model: VideoModel, path: Path, losses: list[float]) -> Path:
     """The toy model as one folder in the real checkpoint's layout (vae/, transformer/, scheduler/), plus
     clip.pt and the training losses; written under a temporary name and renamed when complete."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
+    def write(tmp: Path):
         for name in ("vae", "transformer", "scheduler"):
             getattr(model, name).save_pretrained(tmp / name)
         torch.save(model.clip.state_dict(), tmp / "clip.pt")
         (tmp / "losses.json").write_text(json.dumps(losses))
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            import shutil
-            shutil.rmtree(tmp)
-    return path
+    return atomic_dir(path, write)
 
 
 def load_toy_model(args: Args, path: Path) -> VideoModel:
@@ -1105,32 +1103,10 @@ def finetune_lora(args: Args, videos: dict[str, np.ndarray], progress: bool = Tr
         video = next(iter(videos.values()))
         rotary = pipe._prepare_rotary_positional_embeddings(video.shape[2], video.shape[3],
                                                             (args.video_frames - 1) // 4 + 1, args.device)
-    latents, image_latents, prompt_embeds = [], [], []
-    for prompt, v in videos.items():
-        lat, img = encode_videos(pipe.vae, v, batch=1)
-        latents.append(lat); image_latents.append(img)
-        prompt_embeds.append(model.prompt_embeds([prompt]).float().cpu().expand(len(v), -1, -1))
-    latents, image_latents, prompt_embeds = torch.cat(latents), torch.cat(image_latents), torch.cat(prompt_embeds)
-    pipe.text_encoder.to("cpu")  # T5-XXL (~9 GB in bf16) is not needed again while training
-    if args.device.startswith("cuda"):
-        torch.cuda.empty_cache()
-    dtype = getattr(torch, args.dtype)
-
-    def loss(gen):
-        i = torch.randint(len(latents), (args.dit_batch,), generator=gen)
-        with torch.autocast(args.device.split(":")[0], dtype=dtype, enabled=dtype != torch.float32):
-            return diffusion_loss(transformer, pipe.scheduler, latents[i].to(args.device, dtype),
-                                  image_latents[i].to(args.device, dtype), prompt_embeds[i].to(args.device, dtype),
-                                  gen, image_rotary_emb=rotary)
-
-    fit(transformer, loss, args.finetune_steps, args.finetune_lr, args.seed, path.with_suffix(".state"),
-        f"LoRA {args.task}", progress)
+    train_dit(args, model, videos, args.finetune_steps, args.finetune_lr, path, f"LoRA {args.task}", progress,
+              image_rotary_emb=rotary)
     lora = get_peft_model_state_dict(transformer)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    CogVideoXImageToVideoPipeline.save_lora_weights(tmp, transformer_lora_layers=lora)
-    os.replace(tmp, path)
-    return path
+    return atomic_dir(path, lambda tmp: CogVideoXImageToVideoPipeline.save_lora_weights(tmp, transformer_lora_layers=lora))
 
 
 def load_video_model(args: Args, finetuned: bool = True) -> VideoModel:
