@@ -528,3 +528,23 @@ def test_every_vdr_name_the_notebook_uses_exists():
     code = "\n".join("".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code")
     names = set(re.findall(r"\bvdr\.(\w+)", code))
     assert names and all(hasattr(vdr, n) for n in names), sorted(n for n in names if not hasattr(vdr, n))
+
+
+def test_every_readme_command_is_one_the_cli_accepts():
+    import re
+    import shlex
+    from pathlib import Path
+    readme = (Path(__file__).parent / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
+    commands = [line.split("vdr.py", 1)[1].split("#")[0] for block in blocks for line in block.splitlines()
+                if "vdr.py" in line]
+    commands += re.findall(r"`(?:\.venv/bin/)?python vdr\.py([^`]*)`", readme)  # inline, as in the CLI table
+    # placeholders: shell variables such as $S stand for a number, TASK for a task
+    commands = [re.sub(r"\$\w+", "1", c).replace("TASK", "reach-v3") for c in commands]
+    assert len(commands) >= 10
+    parser = vdr.build_parser()
+    for argv in commands:
+        tokens = [t for t in shlex.split(argv) if t != "--help"]  # --help would print and exit
+        ns = parser.parse_args(tokens)  # an unknown command or flag exits with an error
+        fields = {k: v for k, v in vars(ns).items() if k != "command"}
+        vdr.make_args(**{**fields, "device": "cpu"})  # the values pass validation (no GPU here)
