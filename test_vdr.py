@@ -539,7 +539,7 @@ def test_every_readme_command_is_one_the_cli_accepts():
     commands = [line.split("vdr.py", 1)[1].split("#")[0] for block in blocks for line in block.splitlines()
                 if "vdr.py" in line]
     commands += re.findall(r"`(?:\.venv/bin/)?python vdr\.py([^`]*)`", readme)  # inline, as in the CLI table
-    # placeholders: shell variables such as $S stand for a number, TASK for a task
+    # the README writes $S for a seed and TASK for a task name: give them values
     commands = [re.sub(r"\$\w+", "1", c).replace("TASK", "reach-v3") for c in commands]
     assert len(commands) >= 10
     parser = vdr.build_parser()

@@ -437,6 +437,13 @@ def expert_policy(task: str):
     return ENV_POLICY_MAP[task]()
 
 
+def resample(frames, n: int):
+    """n frames evenly spaced over a video (T, ...) -> (n, ...): E2's linspace resampling, also used to
+    turn a 151-frame episode into a training video."""
+    idx = np.linspace(0, len(frames) - 1, n).round().astype(int)
+    return frames[idx]
+
+
 def rollout(env: MetaWorld, policy, seed: int, render: bool = True, frames: int | None = None) -> dict:
     """Run one fixed-length episode. `policy(obs) -> action`.
 
@@ -500,8 +507,7 @@ def collect_demos(args: Args, task: str | None = None, episodes: int | None = No
 def save_frame_strip(frames: np.ndarray, path: Path, n: int = 8, scale: int = 2) -> Path:
     """n frames of a video (T, H, W, 3), evenly spaced, side by side in one PNG."""
     from PIL import Image
-    idx = np.linspace(0, len(frames) - 1, n).round().astype(int)
-    strip = np.concatenate(list(frames[idx]), axis=1)  # (H, n*W, 3)
+    strip = np.concatenate(list(resample(frames, n)), axis=1)  # (H, n*W, 3)
     img = Image.fromarray(strip)
     return atomic_write(path, lambda tmp: img.resize((img.width * scale, img.height * scale),
                                                       Image.NEAREST).save(tmp, format="PNG"))
@@ -540,13 +546,6 @@ def save_frame_strip(frames: np.ndarray, path: Path, n: int = 8, scale: int = 2)
 
 PRETRAIN_TASKS = ("reach-v3", "push-v3", "pick-place-v3", "button-press-topdown-v3", "drawer-open-v3",
                   "drawer-close-v3", "door-open-v3", "window-open-v3")  # 8 of Meta-World's MT10 tasks
-
-
-def resample(frames, n: int):
-    """n frames evenly spaced over a video (T, ...) -> (n, ...): E2's linspace resampling, also used to
-    turn a 151-frame episode into a training video."""
-    idx = np.linspace(0, len(frames) - 1, n).round().astype(int)
-    return frames[idx]
 
 
 def to_video_tensor(frames: np.ndarray) -> torch.Tensor:
@@ -1300,10 +1299,9 @@ def agent_clips(frames: np.ndarray, times: np.ndarray, num_frames: int, mode: st
     clips = []
     for t in times:
         if mode == "linspace":
-            idx = np.linspace(0, t, num_frames).round().astype(int)
+            clips.append(resample(frames[:t + 1], num_frames))
         else:
-            idx = np.clip(np.round(t - spacing * np.arange(num_frames)[::-1]).astype(int), 0, None)
-        clips.append(frames[idx])
+            clips.append(frames[np.clip(np.round(t - spacing * np.arange(num_frames)[::-1]).astype(int), 0, None)])
     return np.stack(clips)
 
 
