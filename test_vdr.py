@@ -42,7 +42,7 @@ def test_every_args_field_is_a_cli_flag_with_help():
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--task", "reach-v9"], "unknown task 'reach-v9'; Meta-World v3 tasks are: "),
-    (["train", "--reward", "shaped"], "unknown reward mode 'shaped'; choose one of: dense, sparse"),
+    (["train", "--reward", "shaped"], "unknown reward mode 'shaped'; choose one of: gen, gen+dense, dense, sparse, clip-text"),
     (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of: tiny, paper"),
     (["collect", "--episodes", "0"], "--episodes must be positive"),
     (["collect", "--episode-length", "600"], "over Meta-World's limit of 500"),
@@ -169,6 +169,13 @@ def tiny_video_models(monkeypatch):
     monkeypatch.setattr(vdr, "PRETRAIN_TASKS", ("reach-v3", "drawer-open-v3"))
 
 
+@pytest.fixture(scope="session")
+def video_cache(tmp_path_factory):
+    """One cache of tiny video models for the tests that only use them (the configs are the same in every
+    test that shrinks them, so the cache keys agree): each is pretrained and finetuned once, not per test."""
+    return str(tmp_path_factory.mktemp("video-cache"))
+
+
 def video_args(tmp_path, **overrides):
     return tiny_args(tmp_path, **{**dict(video_frames=9, pretrain_episodes=2, clip_steps=2, vae_steps=2,
                                           dit_steps=2, finetune_steps=2, sample_steps=2, eval_videos=2), **overrides})
@@ -261,8 +268,8 @@ def test_pretrain_finetune_goal_pipeline_is_cached_and_deterministic(tmp_path, t
     assert metrics["frames"] == 9 and (tmp_path / "goal" / "goal.gif").exists()
 
 
-def test_eval_video_writes_metrics_per_method(tmp_path, tiny_video_models):
-    metrics = vdr.eval_video(video_args(tmp_path), tmp_path / "ev", progress=False)
+def test_eval_video_writes_metrics_per_method(tmp_path, tiny_video_models, video_cache):
+    metrics = vdr.eval_video(video_args(tmp_path, cache_dir=video_cache), tmp_path / "ev", progress=False)
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     for method in ("generated", "first_frame_repeated", "nearest_demo"):
         assert {"final_frame_mse", "latent_cosine"} <= set(saved[method])
@@ -427,7 +434,87 @@ def test_fb_reward_shape_and_goal_z_on_the_sphere():
 
 
 # ---------------------------------------------------------------------------------------------------
-# 7. SAC
+# 7. The total reward (E6) and eval-reward
+# ---------------------------------------------------------------------------------------------------
+
+def test_behaviours_fail_and_succeed_as_designed(tmp_path):
+    args = tiny_args(tmp_path, episode_length=80)
+    got = {b: vdr.collect_demos(args, episodes=1, seed0=5, frames=2, behaviour=b, progress=False)
+           for b in ("expert", "stopped", "random")}
+    assert got["expert"]["success"].any() and not got["stopped"]["success"].any()
+    assert not got["random"]["success"].any()
+    expert, stopped = got["expert"]["actions"][0], got["stopped"]["actions"][0]
+    first = int(np.argmax(got["expert"]["success"][0])) + 1
+    stop = int(vdr.STOP_FRACTION * first)
+    np.testing.assert_array_equal(stopped[:stop], expert[:stop])  # the same start...
+    assert np.all(stopped[stop:] == 0)  # ...then still
+    with pytest.raises(vdr.VdrError, match="unknown behaviour"):
+        vdr.collect_demos(args, episodes=1, behaviour="lazy", progress=False)
+
+
+def test_spearman_and_auroc():
+    t = np.arange(10)
+    assert vdr.spearman(t, t ** 3) == pytest.approx(1.0) and vdr.spearman(t, -t) == pytest.approx(-1.0)
+    assert vdr.spearman(t, np.ones(10)) == 0.0  # a constant reward orders nothing
+    assert vdr.spearman([1, 2, 3, 4], [1, 1, 2, 2]) == pytest.approx(0.894, abs=1e-3)  # ties: mean ranks
+    labels = np.array([True, True, False, False])
+    assert vdr.auroc(np.array([3.0, 4, 1, 2]), labels) == 1.0
+    assert vdr.auroc(np.array([1.0, 2, 3, 4]), labels) == 0.0
+    assert vdr.auroc(np.ones(4), labels) == 0.5
+
+
+def fake_episode(rng, T=20, size=64):
+    return {"frames": rng.integers(0, 256, (T + 1, size, size, 3), dtype=np.uint8),
+            "states": rng.normal(size=(T + 1, 39)).astype(np.float32),
+            "actions": rng.uniform(-1, 1, (T, 4)).astype(np.float32),
+            "env_rewards": rng.random(T).astype(np.float32), "success": np.zeros(T, bool)}
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centre):
+    from diffusers import AutoencoderKLCogVideoX
+    torch.manual_seed(0)
+    args = tiny_args(tmp_path, video_frames=9, reward_every=5, video_centre=centre)
+    vae = AutoencoderKLCogVideoX(**TINY_VAE).eval()
+    clip, tokenizer = vdr.load_clip(args)
+    fb = vdr.FB(obs_dim=39, act_dim=4, feature_dim=64, d=8, hidden=16)
+    rng = np.random.default_rng(0)
+    explore = [fake_episode(rng) for _ in range(2)]
+    reward = vdr.GenerativeReward(args, vae, clip, tokenizer, fb, explore)
+    episode = fake_episode(rng)
+    goal = reward.goal(vdr.resample(episode["frames"], 9))  # the whole episode resampled: its last clip
+    terms = reward.terms(episode, goal)
+    assert terms["r_video"].shape == terms["r_fb"].shape == (20,)
+    assert terms["r_video"][-1] == pytest.approx(1.0, abs=1e-4)  # E2 of the goal video with itself
+    assert (reward.reference is not None) == centre
+    r = reward.reward(episode, goal)
+    assert r.shape == (20,) and r.dtype == np.float32 and np.isfinite(r).all()
+    # E6's scaling: on the exploratory episodes themselves, each standardised term has mean 0 at every step
+    # and spread 1
+    for k in ("r_video", "r_fb"):
+        z = np.stack([(reward.terms(ep, goal)[k] - goal.stats[k][0]) / goal.stats[k][1] for ep in explore])  # (N, T)
+        assert np.abs(z.mean(0)).max() < 1e-4 and z.std() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_eval_reward_scores_every_reward_against_both_goals(tmp_path, tiny_video_models, video_cache):
+    args = video_args(tmp_path, cache_dir=video_cache, explore_episodes=2, fb_steps=3, fb_batch=16, episode_length=80)  # experts succeed
+    metrics = vdr.eval_reward(args, tmp_path / "er", progress=False)
+    saved = json.loads((tmp_path / "er" / "metrics.json").read_text())
+    names = {"combined", "r_video", "r_fb", "r_video_centred", "r_video_window", "r_video_untrained", "clip_text",
+             "pixel_distance", "clip_text_done", "dense"}
+    for quality in (saved, saved["oracle"]):
+        assert names <= set(quality)
+        assert all(set(quality[n]) == {"voc", "voc_random", "auroc"} for n in names)
+    assert saved["episodes"] == {"expert": 2, "noisy": 2, "stopped": 2, "random": 2}
+    assert saved["success_rate"]["expert"] == 1.0 and saved["success_rate"]["stopped"] == 0.0
+    # the dense env reward is the same whatever the goal: its numbers cannot differ between the two goals
+    assert saved["dense"] == saved["oracle"]["dense"] and metrics["dense"]["auroc"] > 0.5
+    for png in ("reward_curves.png", "goal_frames.png"):
+        assert (tmp_path / "er" / png).stat().st_size > 1000
+
+
+# ---------------------------------------------------------------------------------------------------
+# 8. SAC
 # ---------------------------------------------------------------------------------------------------
 
 def test_tanh_gaussian_log_prob_matches_torch_distributions():
@@ -479,14 +566,14 @@ def test_replay_buffer_wraps_around():
 
 def test_sparse_and_dense_rewards():
     episode = {"env_rewards": np.array([0.5, 2.0, 9.0], np.float32), "success": np.array([False, True, True])}
-    args = vdr.make_args(reward="sparse")
-    np.testing.assert_array_equal(vdr.episode_rewards(args, episode), [0, 1, 1])
-    args = vdr.make_args(reward="dense")
-    np.testing.assert_array_equal(vdr.episode_rewards(args, episode), episode["env_rewards"])
+    [(_, sparse)] = vdr.EpisodeRewards(vdr.make_args(reward="sparse"), 39, 4)(episode, step=2)
+    np.testing.assert_array_equal(sparse, [0, 1, 1])
+    [(_, dense)] = vdr.EpisodeRewards(vdr.make_args(reward="dense"), 39, 4)(episode, step=2)
+    np.testing.assert_array_equal(dense, episode["env_rewards"])
 
 
 # ---------------------------------------------------------------------------------------------------
-# 8. Training loop
+# 9. Training loop
 # ---------------------------------------------------------------------------------------------------
 
 def read_log(path):
@@ -509,6 +596,67 @@ def test_train_cli_runs_gradient_updates_and_writes_reports(tmp_path):
     assert (out / "learning_curve.png").stat().st_size > 1000 and (out / "agent.pt").exists()
     state = torch.load(out / "agent.pt")
     assert set(state) >= {"actor", "qf1", "qf2", "log_alpha"}
+
+
+@pytest.mark.parametrize("mode", ["gen", "gen+dense", "clip-text"])
+def test_reward_modes_that_see_frames_train_past_learning_starts(tmp_path, tiny_video_models, video_cache, mode):
+    args = video_args(tmp_path, cache_dir=video_cache, reward=mode, fb_batch=16, fb_warmup=3, fb_every=2, fb_freeze=220)
+    metrics = vdr.train(args, progress=False)
+    log = read_log(tmp_path / "out" / "log.jsonl")
+    updates = [r for r in log if "losses/qf1_loss" in r]
+    assert updates and all(np.isfinite(r["losses/qf1_loss"]) for r in updates)
+    assert sum("charts/episodic_return" in r for r in log) == 240 // 40
+    if mode != "clip-text":  # FB learned online, and only until it was frozen
+        fb_steps = [r["step"] for r in log if "losses/fb" in r]
+        assert fb_steps and max(fb_steps) < 220
+    assert metrics["env_steps"] == 240 and metrics["reward_seconds"] > 0
+
+
+class Interrupted(Exception):
+    pass
+
+
+@pytest.mark.parametrize("mode", ["dense", "gen"])
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_video_models, video_cache, monkeypatch, mode):
+    settings = dict(cache_dir=video_cache, reward=mode, fb_batch=16, fb_warmup=3, fb_every=2)
+    whole = vdr.train(video_args(tmp_path, out=str(tmp_path / "whole"), **settings), progress=False)
+    evaluate, calls = vdr.evaluate, []
+
+    def crash_at_second_evaluation(*a, **k):  # the run dies at step 240, after its checkpoint at 120
+        calls.append(1)
+        if len(calls) == 2:
+            raise Interrupted
+        return evaluate(*a, **k)
+    monkeypatch.setattr(vdr, "evaluate", crash_at_second_evaluation)
+    with pytest.raises(Interrupted):
+        vdr.train(video_args(tmp_path, out=str(tmp_path / "cut"), **settings), progress=False)
+    assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "metrics.json").exists()
+    monkeypatch.setattr(vdr, "evaluate", evaluate)
+    resumed = vdr.train(video_args(tmp_path, out=str(tmp_path / "cut"), resume=True, **settings), progress=False)
+    assert resumed["curve"] == whole["curve"]
+    strip = lambda run: [{k: v for k, v in r.items() if k != "charts/SPS"} for r in read_log(tmp_path / run / "log.jsonl")]
+    assert strip("cut") == strip("whole")  # every logged loss and return, step for step
+    a, b = (torch.load(tmp_path / run / "agent.pt") for run in ("whole", "cut"))
+    assert all(torch.equal(a["actor"][k], b["actor"][k]) for k in a["actor"])
+    assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint behind
+    with pytest.raises(vdr.VdrError, match="other settings"):
+        torch.save({"args": {}}, tmp_path / "cut" / "checkpoint.pt")
+        vdr.train(video_args(tmp_path, out=str(tmp_path / "cut"), resume=True, **settings), progress=False)
+
+
+def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):
+    argv = ["bench", "--bench-tasks", "reach-v3", "--bench-modes", "dense,sparse", "--bench-seeds", "2",
+            "--workers", "2", "--steps", "120", "--learning-starts", "60", "--batch-size", "32", "--hidden", "32",
+            "--episode-length", "40", "--eval-every", "60", "--eval-episodes", "1",
+            "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "bench")]
+    assert vdr.main(argv) == 0
+    assert "4 runs to do" in capsys.readouterr().out
+    rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()
+    assert len(rows) == 1 + 4 and rows[0].startswith("task,reward,seed,eval_success")
+    summary = (tmp_path / "bench" / "summary.md").read_text()
+    assert "| reach-v3 |" in summary and "| dense |" in summary and "| sparse |" in summary
+    assert (tmp_path / "bench" / "curves_reach-v3.png").stat().st_size > 1000
+    assert vdr.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out  # finished runs are skipped
 
 
 def test_same_seed_same_numbers(tmp_path):

@@ -19,9 +19,9 @@ the frame level (a forward-backward representation's estimate of reaching the go
                                                  |                   [6] FB representation
                                                  +------------+---------------+
                                                               |
-                                            [7] SAC agent  <- r = alpha*r_video + beta*r_FB (+ r_env)
+                                            [7] r = alpha*r_video + beta*r_FB (+ r_env)
                                                               |
-                                            [8] evaluation: success, return, reward quality, plots
+                                            [8] SAC agent, [9] training loop and evaluation
 
 Sections of this file, in pipeline order (equation numbers E1-E6 are those of the method notes, README):
   1. Configuration      the Args dataclass, presets `tiny` (CPU, minutes) and `paper` (one CUDA GPU)
@@ -31,9 +31,10 @@ Sections of this file, in pipeline order (equation numbers E1-E6 are those of th
   4. Video reward       E2: cosine similarity of the agent's clip and the goal video in VAE latent space
   5. Goal frame         E3: the goal video's frame CLIP scores highest against the goal prompt
   6. FB reward          E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*
-  7. SAC                compact soft actor-critic in CleanRL's conventions [4]
-  8. Training loop      reward modes, evaluation, reports, the command line
-Next to land: the reward benchmark (eval-reward), E6's combination in the training loop, and DCS.
+  7. Total reward       E6: the standardised sum of both; baselines; eval-reward judges them all offline
+  8. SAC                compact soft actor-critic in CleanRL's conventions [4]
+  9. Training loop      reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation, reports, CLI
+Next to land: the RL benchmark across reward modes, the whole pipeline as the main job, and DCS.
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -46,6 +47,8 @@ Usage:
     python vdr.py collect --task reach-v3 --episodes 20 --out runs/collect
     python vdr.py pretrain                          # the toy video model, once (~10 min on 2 CPU cores)
     python vdr.py eval-video --task drawer-open-v3  # finetune, generate goal videos, score them
+    python vdr.py eval-reward --task drawer-open-v3 # every reward on held-out episodes, before any RL
+    python vdr.py train --task reach-v3 --reward gen  # SAC on the generative reward alone
     python vdr.py train --task reach-v3 --reward dense --steps 50000 --seed 1 --out runs/sac
     python vdr.py train --help                      # every knob, with its one-line doc
 """
@@ -147,8 +150,17 @@ class Args:
     lora_rank: int = arg(64, "LoRA rank for finetuning a pretrained --video-model (paper path)")
     sample_steps: int = arg(50, "DDIM denoising steps per generated video")
     eval_videos: int = arg(10, "held-out initial states that eval-video generates goal videos for")
-    # --- reinforcement learning (sections 7-8) ---
-    reward: str = arg("dense", "reward the agent learns from: dense (Meta-World's shaped) or sparse (success)")
+    # --- rewards (sections 4-7) ---
+    video_clip: str = arg("linspace", "E2's clip of o_{0:t}: 'linspace' (resampled, the paper's) or 'window' (last frames)")
+    video_centre: bool = arg(False, "E2: centre latents on exploratory clips' mean (section 4); off: the paper's cosine")
+    reward_every: int = arg(10, "E2 is computed every this many env steps and held in between (the paper: 128)")
+    fb_steps: int = arg(3000, "offline FB training steps (eval-reward)")
+    fb_batch: int = arg(256, "FB transitions per step (published: 1024; 256 keeps CPU steps ~4x cheaper)")
+    explore_episodes: int = arg(20, "eval-reward's random episodes: E2's centre, E6's scales, FB's exploratory data")
+    video_weight: float = arg(1.0, "alpha of E6: weight of the standardised r_video (section 7)")
+    fb_weight: float = arg(1.0, "beta of E6: weight of the standardised r_fb (section 7)")
+    # --- reinforcement learning (sections 8-9) ---
+    reward: str = arg("dense", "the agent's reward: gen (E6, reward-free), gen+dense, dense, sparse, clip-text")
     steps: int = arg(50_000, "environment steps of training")
     learning_starts: int = arg(5_000, "random-action steps before the first gradient update (CleanRL)")
     buffer_size: int = arg(1_000_000, "replay buffer capacity, in transitions")
@@ -161,6 +173,14 @@ class Args:
     policy_frequency: int = arg(2, "actor updated every this many steps, that many times (TD3-style delay)")
     alpha: float = arg(0.2, "entropy temperature; the initial value when autotune is on")
     autotune: bool = arg(True, "learn the temperature to keep the policy's entropy near -act_dim")
+    fb_every: int = arg(4, "gen modes: one online FB update every this many env steps (FB costs ~3 SAC updates)")
+    fb_warmup: int = arg(1000, "gen modes: FB updates on the exploratory data before the first reward is computed")
+    fb_freeze: int = arg(25_000, "gen modes: FB stops training at this env step, as in the paper (at 100k of 1M)")
+    resume: bool = arg(False, "train: continue from OUT/checkpoint.pt (saved after each evaluation) if there is one")
+    bench_tasks: str = arg("reach-v3,button-press-topdown-v3,drawer-open-v3", "bench: comma-separated tasks")
+    bench_modes: str = arg("gen,gen+dense,dense,sparse,clip-text", "bench: comma-separated reward modes")
+    bench_seeds: int = arg(3, "bench: seeds per task and mode (1..N)")
+    workers: int = arg(1, "bench: training runs at once, each in its own process with cores/workers threads")
     eval_every: int = arg(5_000, "environment steps between evaluations")
     eval_episodes: int = arg(30, "episodes per evaluation (deterministic actions, held-out initial states)")
 
@@ -182,9 +202,13 @@ PRESETS = {
         dit_batch=1,  # LoRA on the 5B DiT at batch 1 is what fits one 80 GB GPU (see README)
         finetune_steps=12_000,  # the paper's released LoRA was trained 12k steps
         finetune_lr=1e-4,
+        fb_batch=1024,  # published
+        reward_every=128,  # published
+        fb_freeze=100_000,  # published
+        fb_every=1,
     ),
 }
-REWARD_MODES = ("dense", "sparse")
+REWARD_MODES = ("gen", "gen+dense", "dense", "sparse", "clip-text")  # section 9 says what each one is
 
 
 class VdrError(Exception):
@@ -215,7 +239,15 @@ def check_args(args: Args) -> None:
                        "use --device cpu (or --preset tiny), or install a CUDA build of torch")
     if args.device != "cpu" and not args.device.startswith("cuda"):
         raise VdrError(f"unknown device {args.device!r}; use 'cpu' or 'cuda'")
-    for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes"):
+    for task in args.bench_tasks.split(","):
+        check_task(task)
+    for mode in args.bench_modes.split(","):
+        if mode not in REWARD_MODES:
+            raise VdrError(f"unknown reward mode {mode!r} in --bench-modes; choose from: {', '.join(REWARD_MODES)}")
+    if args.video_clip not in VIDEO_CLIP_MODES:
+        raise VdrError(f"unknown --video-clip {args.video_clip!r}; choose one of: {', '.join(VIDEO_CLIP_MODES)}")
+    for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes", "fb_steps",
+                 "fb_batch", "reward_every", "explore_episodes", "fb_every", "bench_seeds", "workers"):
         if getattr(args, name) <= 0:
             raise VdrError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.video_frames % 8 != 1:  # 4k+1 frames -> k+1 latent frames, and k+1 must be odd (see section 3)
@@ -275,6 +307,11 @@ def write_json(path: Path, obj) -> Path:
 CACHE_VERSION = 1  # bump when a cached artefact's format or meaning changes, so stale caches are not reused
 
 
+def data_key(args: Args) -> dict:
+    """The settings that make the data (frames, episodes) what it is: part of every trained model's key."""
+    return {"image_size": args.image_size, "camera": args.camera, "episode_length": args.episode_length}
+
+
 def cache_path(args: Args, kind: str, suffix: str, **inputs) -> Path:
     """runs/cache/<kind>/<task>-<hash of the inputs>.<suffix>: the same inputs find the same file."""
     key = json.dumps({"v": CACHE_VERSION, **inputs}, sort_keys=True)
@@ -286,8 +323,14 @@ class Logger:
     """Writes {"step": s, **metrics} lines to out/log.jsonl (and to TensorBoard when it is installed).
     Metric names are grouped as in CleanRL: charts/..., losses/..., eval/..."""
 
-    def __init__(self, out: Path):
-        self.file = open(Path(out) / "log.jsonl", "w")  # a new run starts a new log
+    def __init__(self, out: Path, keep_bytes: int | None = None):
+        """A new log; or, with keep_bytes (a resumed run), the old one cut back to its first keep_bytes."""
+        if keep_bytes is None:
+            self.file = open(Path(out) / "log.jsonl", "w")
+        else:
+            self.file = open(Path(out) / "log.jsonl", "r+")
+            self.file.truncate(keep_bytes)
+            self.file.seek(keep_bytes)
         try:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(out))
@@ -467,11 +510,48 @@ def rollout(env: MetaWorld, policy, seed: int, render: bool = True, frames: int 
                 success=np.array(success, dtype=bool))
 
 
-def collect_demos(args: Args, task: str | None = None, episodes: int | None = None, seed0: int = DEMO_SEED0,
-                  frames: int | None = None, progress: bool = True) -> dict:
-    """Scripted-expert episodes of one task, cached: the domain videos the video model is trained on.
+# Behaviours that collect episodes. Only "expert" trains the video model; the others are the failures and
+# the exploration that section 7 judges rewards on, and the exploratory data FB (section 6) trains on.
+BEHAVIOURS = ("expert", "noisy", "stopped", "random")
+NOISE_STD = 1.0  # "noisy": the expert's action plus N(0, 1) per dimension (actions lie in [-1, 1]): some
+                 # episodes still succeed, many do not, and none moves like a clean demo
+STOP_FRACTION = 1 / 3  # "stopped": the expert acts for this fraction of its time to success. The hand drifts on
+                       # after the stop (Meta-World moves it toward a mocap target); stopped at 1/2, a reach
+                       # episode ends 6.6 cm from the expert's end, just outside the 5 cm success radius and
+                       # ~1 px at 64 px; at 1/3, 12 cm (button, drawer: 30 cm) (measured, 5 states)
 
-    Episode i starts from initial state seed0 + i (held-out videos use seed0=HELDOUT_SEED0). With
+
+def behaviour_policy(env: MetaWorld, task: str, behaviour: str, seed: int):
+    """policy(obs) -> action for one episode from initial state `seed`:
+    expert   Meta-World's scripted expert;
+    noisy    the expert with N(0, NOISE_STD^2) added to each action;
+    stopped  the expert for STOP_FRACTION of its time to success from this state, then still (zero
+             action): a failure that starts exactly like a success;
+    random   uniform random actions (an untrained agent, exploring)."""
+    if behaviour not in BEHAVIOURS:
+        raise VdrError(f"unknown behaviour {behaviour!r}; choose one of: {', '.join(BEHAVIOURS)}")
+    rng, expert = np.random.default_rng(seed), expert_policy(task)
+    if behaviour == "random":
+        return lambda obs: rng.uniform(-1, 1, env.action_space.shape[0])
+    if behaviour == "noisy":
+        return lambda obs: expert.get_action(obs) + rng.normal(0, NOISE_STD, env.action_space.shape[0])
+    if behaviour == "stopped":
+        success = rollout(env, expert.get_action, seed, render=False)["success"]  # a dry run, no frames
+        stop, t = int(STOP_FRACTION * (int(np.argmax(success)) + 1 if success.any() else len(success))), [0]
+
+        def policy(obs):
+            t[0] += 1
+            return expert.get_action(obs) if t[0] <= stop else np.zeros(env.action_space.shape[0])
+        return policy
+    return expert.get_action
+
+
+def collect_demos(args: Args, task: str | None = None, episodes: int | None = None, seed0: int = DEMO_SEED0,
+                  frames: int | None = None, behaviour: str = "expert", progress: bool = True) -> dict:
+    """Episodes of one task by one behaviour (default: the scripted expert's demos, the domain videos the
+    video model is trained on), cached.
+
+    Episode i starts from initial state seed0 + i (held-out episodes use seed0=HELDOUT_SEED0). With
     `frames`, only that many evenly spaced frames per episode are rendered and kept.
     Returns a dict of stacked arrays (N = episodes or args.episodes, T = args.episode_length):
         frames (N, T+1, H, W, 3) uint8, states (N, T+1, 39) float32, actions (N, T, 4) float32,
@@ -483,7 +563,8 @@ def collect_demos(args: Args, task: str | None = None, episodes: int | None = No
 
     task, episodes = task or args.task, episodes or args.episodes
     path = cache_path(args, "demos", ".npz", task=task, episodes=episodes, image_size=args.image_size,
-                      camera=args.camera, episode_length=args.episode_length, seed0=seed0, frames=frames)
+                      camera=args.camera, episode_length=args.episode_length, seed0=seed0, frames=frames,
+                      behaviour=(behaviour, NOISE_STD, STOP_FRACTION))
     if path.exists():
         try:
             with np.load(path) as data:
@@ -491,12 +572,13 @@ def collect_demos(args: Args, task: str | None = None, episodes: int | None = No
         except Exception as err:  # atomic writes never leave a partial file, but disks and hands do
             raise VdrError(f"cached demos {path} are unreadable ({type(err).__name__}); "
                            "delete that file and run again") from None
-    expert, runs = expert_policy(task), []
+    runs = []
     with MetaWorld(task, args.image_size, args.camera, args.episode_length) as env, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Constant", UserWarning)  # the experts' gains clip at 1, harmlessly
-        bar = tqdm(range(episodes), desc=f"collect {task}", disable=not progress)
+        bar = tqdm(range(episodes), desc=f"collect {task} [{behaviour}]", disable=not progress)
         for i in bar:
-            runs.append(rollout(env, expert.get_action, seed=seed0 + i, frames=frames))
+            policy = behaviour_policy(env, task, behaviour, seed0 + i)
+            runs.append(rollout(env, policy, seed=seed0 + i, frames=frames))
             bar.set_postfix(success=f"{np.mean([e['success'].any() for e in runs]):.2f}")
     demos = {k: np.stack([e[k] for e in runs]) for k in runs[0]}
     demos.update(seeds=seed0 + np.arange(episodes), prompt=task_prompt(task))
@@ -679,7 +761,7 @@ def train_clip(args: Args, demos: dict[str, dict], progress: bool = True) -> Pat
     """Train the toy CLIP on demo frames and their stage captions (cached). Returns the weights path."""
     import open_clip
     path = cache_path(args, "clip", ".pt", task="pretrain", tasks=sorted(demos), episodes=args.pretrain_episodes,
-                      config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed)
+                      config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed, **data_key(args))
     if path.exists():
         return path
     seed_everything(args.seed)
@@ -753,7 +835,8 @@ def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True) 
     so that latents have unit standard deviation (as Stable Diffusion's was chosen); returns the folder."""
     from diffusers import AutoencoderKLCogVideoX
     path = cache_path(args, "vae", "", task="pretrain", tasks=sorted(videos), episodes=args.pretrain_episodes,
-                      frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps, seed=args.seed)
+                      frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps, seed=args.seed,
+                      **data_key(args))
     if path.exists():
         return path
     seed_everything(args.seed)
@@ -1042,7 +1125,7 @@ def finetune(args: Args, out: Path | None = None, progress: bool = True) -> Path
     else:
         base = pretrain(args, progress=progress)
         path = cache_path(args, "video", "", task=args.task, base=base.name, episodes=args.episodes,
-                          steps=args.finetune_steps, batch=args.dit_batch, lr=args.finetune_lr)
+                          steps=args.finetune_steps, batch=args.dit_batch, lr=args.finetune_lr, **data_key(args))
         if not path.exists():
             seed_everything(args.seed)
             model = load_toy_model(args, base)
@@ -1072,7 +1155,8 @@ def load_pipeline(args: Args):
 
 def lora_path(args: Args) -> Path:
     return cache_path(args, "lora", "", task=args.task, model=args.video_model, episodes=args.episodes,
-                      rank=args.lora_rank, steps=args.finetune_steps, batch=args.dit_batch, lr=args.finetune_lr)
+                      rank=args.lora_rank, steps=args.finetune_steps, batch=args.dit_batch, lr=args.finetune_lr,
+                      frames=args.video_frames, **data_key(args))
 
 
 def finetune_lora(args: Args, videos: dict[str, np.ndarray], progress: bool = True) -> Path:
@@ -1280,11 +1364,21 @@ def side_by_side(real, real_rt, methods: dict, path: Path, rows: int = 3, n: int
 # =====================================================================================================
 # E2. The agent's frames so far, o_{0:t}, and the goal video are encoded by the same VAE encoder E (the
 # video model's own; the finetune leaves it unchanged, as a LoRA finetune does) and compared by cosine:
-#     r_video(t) = <z_t, z_goal> / (|z_t| |z_goal|),   z_t = flatten(E(clip_t)),  z_goal = flatten(E(V_goal))
+#     r_video(t) = <z_t - m, z_goal - m> / (|z_t - m| |z_goal - m|),   z_t = flatten(E(clip_t)),
+#                                                                       z_goal = flatten(E(V_goal))
 #     clip_t: (F, H, W, 3), F = args.video_frames; z: (k+1) * C * h * w numbers (5 * 8 * 16 * 16 = 10240)
-# Two ways to turn o_{0:t} into a clip of F frames:
+# The paper's E2 is the plain cosine, m = 0. Two ways to turn o_{0:t} into a clip of F frames:
 #     "linspace": resample o_{0:t} to F frames (np.linspace), as the paper's code does;
 #     "window":   the last F frames at the goal video's frame spacing (the first frame repeated before t=0).
+# The default is the paper's: plain cosine (m = 0) of linspace clips. Two variants are offered and
+# measured beside it by `eval-reward` (section 7):
+#   centring, m = the mean clip latent of exploratory episodes (--video-centre): every clip of a scene
+#     shares the static background, so the plain cosine lives in [0.90, 0.97]; subtracting m spreads it
+#     over [-0.2, 0.8]. But it also makes random-policy episodes' reward climb with time (the clip of a
+#     random episode drifts away from m as it fills with motion, and so does the goal's): on reach-v3,
+#     correlation with time on random episodes 0.77 centred vs 0.04 plain (generated goal), which the
+#     agent would be paid for doing anything. So it is off by default.
+#   window, the last F frames at the goal's spacing (--video-clip window): it judges the recent past only.
 # E uses the posterior mean, so the reward is deterministic (the paper's code draws a sample).
 # All rewards of an episode are computed in one batched call when it ends; the reward is computed every
 # `every` steps (the paper: every 128) and held constant in between.
@@ -1305,25 +1399,48 @@ def agent_clips(frames: np.ndarray, times: np.ndarray, num_frames: int, mode: st
     return np.stack(clips)
 
 
-@torch.no_grad()
-def video_reward(vae, frames: np.ndarray, goal_latents: torch.Tensor, num_frames: int, every: int = 10,
-                 mode: str = "linspace", batch: int = 16) -> np.ndarray:
-    """E2 for every step of one episode: frames (T+1, H, W, 3) uint8 -> r_video (T,) float32 in [-1, 1].
+def scored_steps(T: int, every: int) -> np.ndarray:
+    """The steps of a T-step episode at which E2 is computed: every, 2 every, ..., and T. (n,)"""
+    return np.unique(np.append(np.arange(every, T + 1, every), T))
 
-    goal_latents: (1, k+1, C, h, w), vae_encode of the goal video. Step t's reward scores o_{0:t}, computed
-    at t = every, 2 every, ..., T and held for the steps before the next computation."""
+
+def hold(times: np.ndarray, scores: np.ndarray, T: int) -> np.ndarray:
+    """Per-step rewards (T,) from scores at `times`: step t (1..T) gets the score of the first scored step
+    >= t, i.e. the reward for the steps since the previous computation."""
+    return scores[np.searchsorted(times, np.arange(1, T + 1))].astype(np.float32)
+
+
+@torch.no_grad()
+def clip_latents(vae, frames: np.ndarray, num_frames: int, every: int = 10, mode: str = "linspace",
+                 batch: int = 16) -> torch.Tensor:
+    """E(clip_t) for the scored steps t of one episode, frames (T+1, H, W, 3) -> (n, (k+1)*C*h*w) float32."""
     T = len(frames) - 1
-    times = np.unique(np.append(np.arange(every, T + 1, every), T))  # (n,) the steps scored
+    times = scored_steps(T, every)
     spacing = T / (num_frames - 1)  # the goal video's spacing, in env steps, for "window"
     clips = agent_clips(frames, times, num_frames, mode, spacing)  # (n, F, H, W, 3)
-    z_goal = goal_latents.flatten().float()
-    scores = []
-    for i in range(0, len(clips), batch):
-        z = vae_encode(vae, to_video_tensor(clips[i:i + batch])).flatten(1).float()  # (b, (k+1)*C*h*w)
-        scores.append(F.cosine_similarity(z, z_goal[None], dim=1))
-    scores = torch.cat(scores).numpy()  # (n,) r_video at the scored steps
-    # step t (1..T) gets the score of the first scored step >= t: the reward for the steps since the last one
-    return scores[np.searchsorted(times, np.arange(1, T + 1))].astype(np.float32)
+    return torch.cat([vae_encode(vae, to_video_tensor(clips[i:i + batch])).flatten(1).float().cpu()
+                      for i in range(0, len(clips), batch)])  # (n, (k+1)*C*h*w)
+
+
+@torch.no_grad()
+def latent_similarity(z: torch.Tensor, z_goal: torch.Tensor, reference: torch.Tensor | None) -> np.ndarray:
+    """E2's cosine of clip latents z (n, D) with the goal's z_goal (D,), both centred on `reference` (D,)
+    when one is given: (n,) in [-1, 1]."""
+    if reference is not None:
+        z, z_goal = z - reference, z_goal - reference
+    return F.cosine_similarity(z, z_goal[None], dim=1).numpy()
+
+
+def video_reward(vae, frames: np.ndarray, goal_latents: torch.Tensor, num_frames: int, every: int = 10,
+                 mode: str = "linspace", reference: torch.Tensor | None = None) -> np.ndarray:
+    """E2 for every step of one episode: frames (T+1, H, W, 3) uint8 -> r_video (T,) float32 in [-1, 1].
+
+    goal_latents: vae_encode of the goal video (any shape with (k+1)*C*h*w numbers); reference: m, or None
+    for the paper's plain cosine. Step t's reward scores o_{0:t}, computed at t = every, 2 every, ..., T and
+    held for the steps before the next computation."""
+    T = len(frames) - 1
+    z = clip_latents(vae, frames, num_frames, every, mode)  # (n, D)
+    return hold(scored_steps(T, every), latent_similarity(z, goal_latents.flatten().float().cpu(), reference), T)
 
 
 # =====================================================================================================
@@ -1379,7 +1496,8 @@ FB_HIDDEN = 512  # published
 FB_LR = 1e-4  # published (Adam)
 FB_ORTHO = 1.0  # lambda_ortho, published
 FB_TAU = 0.01  # target soft update, published
-FB_BATCH = 1024  # published
+FB_GAMMA = 0.98  # horizon ~50 steps: the scripted experts reach the goal in 30-90 steps (FB's own papers
+                 # use 0.98 for goal reaching)
 
 
 def sample_z(n: int, d: int, gen: torch.Generator | None = None) -> torch.Tensor:
@@ -1424,15 +1542,16 @@ def fb_loss(M: torch.Tensor, M_target: torch.Tensor, B: torch.Tensor, gamma: flo
     return loss, {"losses/fb": l_fb.item(), "losses/ortho": l_ortho.item(), "fb/M_diag": M.diagonal(dim1=1, dim2=2).mean().item()}
 
 
-class FB:
+class FB(nn.Module):
     """The FB representation with its targets and optimiser; `update(batch)` is one step of E4 and
     `reward(obs, actions, goal_features)` is E5. A batch is a dict of tensors: obs (n, obs_dim),
     actions (n, act_dim), next_obs (n, obs_dim), next_actions (n, act_dim), next_features (n, feature_dim)
-    = psi of the frame after each transition."""
+    = psi of the frame after each transition. (An nn.Module so that state_dict() saves all four nets.)"""
 
-    def __init__(self, obs_dim: int, act_dim: int, feature_dim: int, gamma: float = 0.98, d: int = FB_DIM,
+    def __init__(self, obs_dim: int, act_dim: int, feature_dim: int, gamma: float = FB_GAMMA, d: int = FB_DIM,
                  hidden: int = FB_HIDDEN, lr: float = FB_LR, tau: float = FB_TAU, seed: int = 0):
         import copy
+        super().__init__()
         torch.manual_seed(seed)
         self.F, self.B = ForwardMap(obs_dim, act_dim, d, hidden), BackwardMap(feature_dim, d, hidden)
         self.F_target, self.B_target = copy.deepcopy(self.F), copy.deepcopy(self.B)
@@ -1470,8 +1589,359 @@ class FB:
         return (self.F(obs, actions, z) * z).sum(-1).min(0).values  # (n,)
 
 
+@torch.no_grad()
+def frame_features(clip, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
+    """psi, the frozen image features B sees: CLIP image embeddings of frames (N, H, W, 3) -> (N, D) float32."""
+    return torch.cat([clip_image_features(clip, frames[i:i + batch]).float().cpu()
+                      for i in range(0, len(frames), batch)])
+
+
+def split_episodes(data: dict) -> list[dict]:
+    """collect_demos' stacked arrays (N, ...) -> a list of N episode dicts."""
+    keys = ("frames", "states", "actions", "env_rewards", "success")
+    return [{k: data[k][i] for k in keys} for i in range(len(data["states"]))]
+
+
+def fb_transitions(episodes: list[dict], clip) -> dict[str, torch.Tensor]:
+    """E4's dataset from whole episodes (states (T+1, 39), actions (T, 4), frames (T+1, H, W, 3)):
+    (s_t, a_t, s_{t+1}, a_{t+1}, psi(o_{t+1})) for t = 0..T-2 (the last step has no next action a')."""
+    parts = {k: [] for k in ("obs", "actions", "next_obs", "next_actions", "next_features")}
+    for ep in episodes:
+        T = len(ep["actions"])
+        for k, v in zip(parts, (ep["states"][:T - 1], ep["actions"][:T - 1], ep["states"][1:T],
+                                ep["actions"][1:T], frame_features(clip, ep["frames"][1:T]))):
+            parts[k].append(torch.as_tensor(v, dtype=torch.float32))
+    return {k: torch.cat(v) for k, v in parts.items()}  # each (sum of T-1, ...)
+
+
+def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool = True) -> FB:
+    """FB trained offline for args.fb_steps on the transitions of `episodes` (cached by `key`, a description
+    of the data, and the settings). The RL loop (section 9) trains the same FB online instead."""
+    from tqdm import tqdm
+    data = None
+    path = cache_path(args, "fb", ".pt", task=args.task, steps=args.fb_steps, batch=args.fb_batch, seed=args.seed,
+                      dim=FB_DIM, hidden=FB_HIDDEN, gamma=FB_GAMMA, **key)
+    if not path.exists():
+        data = fb_transitions(episodes, clip)
+    dims = (episodes[0]["states"].shape[-1], episodes[0]["actions"].shape[-1],
+            frame_features(clip, episodes[0]["frames"][:1]).shape[-1])  # obs_dim, act_dim, psi's D
+    fb = FB(*dims, seed=args.seed)
+    if path.exists():
+        fb.load_state_dict(load_checkpoint(path))
+        return fb
+    gen = torch.Generator().manual_seed(args.seed)
+    bar = tqdm(range(args.fb_steps), desc=f"train FB {args.task}", disable=not progress)
+    for step in bar:
+        idx = torch.randint(len(data["obs"]), (args.fb_batch,), generator=gen)
+        metrics = fb.update({k: v[idx] for k, v in data.items()})
+        if step % 100 == 0:
+            bar.set_postfix(fb=f"{metrics['losses/fb']:.2f}", ortho=f"{metrics['losses/ortho']:.2f}")
+    atomic_write(path, lambda tmp: torch.save(fb.state_dict(), tmp))
+    return fb
+
+
 # =====================================================================================================
-# 7. SAC: soft actor-critic [3], in CleanRL's conventions [4]
+# 7. The total reward (E6), and how good the rewards are before any RL
+# =====================================================================================================
+# E6.  r_t = alpha * (r_video(t) - mu_video(t)) / sigma_video  +  beta * (r_fb(t) - mu_fb(t)) / sigma_fb  (+ r_env)
+# mu(t) is the term's mean at step t over exploratory (random-policy) episodes scored against the same
+# goal, and sigma its spread around mu(t), pooled over t. The paper adds alpha = 0.01 * r_video and
+# beta = 1e-5 * r_fb to Meta-World's dense reward (0-10 per step): weights set against the raw terms'
+# scales, which depend on the VAE, d and gamma. Without an env reward to set them against, vdr puts both
+# terms on one scale, what exploring gives (mean 0, spread 1), and weighs them equally, alpha = beta = 1
+# (--video-weight, --fb-weight). A step scores above 0 when it looks more like the goal than exploring
+# does at the same step. Why mu depends on t: E2 of a random episode creeps up with t (its clip o_{0:t}
+# fills with motion, and the goal video is all motion), a rise the agent would be paid for doing anything;
+# on button-press-topdown-v3 the rank correlation of r_video with time on random episodes is 0.85.
+# Subtracting what exploring earns at step t removes that rise. It shifts every episode's return by the
+# same amount, so it changes no ranking of episodes (AUROC) and no optimal policy.
+@dataclass
+class Goal:
+    """One goal video and what every reward needs of it."""
+    video: np.ndarray  # (F, H, W, 3) uint8
+    latents: torch.Tensor  # ((k+1)*C*h*w,) E(V_goal) flattened, for E2
+    frame_index: int  # I*, E3
+    clip_scores: np.ndarray  # (F,) E3's score of every frame
+    features: torch.Tensor  # (D,) psi(I*), for E5
+    stats: dict  # {"r_video": (mu (T,), sigma), "r_fb": (mu (T,), sigma)} on the exploratory episodes, E6
+
+
+class GenerativeReward:
+    """E2 + E3 + E5 + E6 for one task, all frozen: the video model's VAE and CLIP, a trained FB, and the
+    exploratory episodes that set E2's reference latent m and E6's scales.
+    `reward(episode, goal(video))` -> (T,) for one finished episode."""
+
+    def __init__(self, args: Args, vae, clip, tokenizer, fb: FB, exploratory: list[dict] | None = None,
+                 state: dict | None = None):
+        """From the exploratory episodes, or from a state_dict() of a reward built from them before."""
+        self.args, self.vae, self.clip, self.tokenizer, self.fb = args, vae, clip, tokenizer, fb
+        state = state or {  # the episodes have one length T (Meta-World never terminates early)
+            "explore_latents": torch.stack([self.latents(ep) for ep in exploratory]),  # (N, n, D)
+            "explore_obs": torch.as_tensor(np.stack([ep["states"][:-1] for ep in exploratory])),  # (N, T, obs_dim)
+            "explore_actions": torch.as_tensor(np.stack([ep["actions"] for ep in exploratory]))}  # (N, T, act_dim)
+        self.explore_latents, self.explore_obs, self.explore_actions = (state[k] for k in self.state_dict_keys)
+        self.reference = self.explore_latents.flatten(0, 1).mean(0) if args.video_centre else None  # m of E2: (D,)
+
+    state_dict_keys = ("explore_latents", "explore_obs", "explore_actions")
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.state_dict_keys}
+
+    def latents(self, episode: dict) -> torch.Tensor:
+        """E(clip_t) at the scored steps of an episode: (n, D). The costly half of E2, goal-independent."""
+        return clip_latents(self.vae, episode["frames"], self.args.video_frames, self.args.reward_every,
+                            self.args.video_clip)
+
+    @torch.no_grad()
+    def goal(self, video: np.ndarray) -> Goal:
+        index, scores = select_goal_frame(self.clip, self.tokenizer, video, goal_prompts(self.args))  # E3
+        latents = vae_encode(self.vae, to_video_tensor(video[None])).flatten().float().cpu()
+        features = frame_features(self.clip, video[index:index + 1])[0]  # psi(I*): (D,)
+        N, T = self.explore_obs.shape[:2]
+        times = scored_steps(T, self.args.reward_every)
+        r_video = np.stack([hold(times, latent_similarity(z, latents, self.reference), T)
+                            for z in self.explore_latents])  # (N, T)
+        r_fb = self.fb.reward(self.explore_obs.flatten(0, 1), self.explore_actions.flatten(0, 1),
+                              features).numpy().reshape(N, T)  # (N*T,) -> (N, T)
+        stats = {name: (r.mean(0), float((r - r.mean(0)).std()) + 1e-8)  # mu(t): (T,), pooled sigma
+                 for name, r in (("r_video", r_video), ("r_fb", r_fb))}
+        return Goal(video, latents, index, scores, features, stats)
+
+    def terms(self, episode: dict, goal: Goal, latents: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+        """The raw r_video (E2) and r_fb (E5) of every step of an episode: {name: (T,)}. `latents`:
+        self.latents(episode), when the caller already has them (they do not depend on the goal)."""
+        T = len(episode["actions"])
+        latents = self.latents(episode) if latents is None else latents
+        scores = latent_similarity(latents, goal.latents, self.reference)  # (n,) at the scored steps
+        r_video = hold(scored_steps(T, self.args.reward_every), scores, T)
+        r_fb = self.fb.reward(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
+                              goal.features).numpy()  # r_fb(s_t, a_t), t = 0..T-1
+        return {"r_video": r_video, "r_fb": r_fb.astype(np.float32)}
+
+    def combine(self, terms: dict[str, np.ndarray], goal: Goal) -> np.ndarray:
+        """E6 on the standardised terms: (T,) float32."""
+        T = len(terms["r_video"])
+        z = {k: (terms[k] - goal.stats[k][0][:T]) / goal.stats[k][1] for k in ("r_video", "r_fb")}
+        return (self.args.video_weight * z["r_video"] + self.args.fb_weight * z["r_fb"]).astype(np.float32)
+
+    def reward(self, episode: dict, goal: Goal) -> np.ndarray:
+        return self.combine(self.terms(episode, goal), goal)
+
+
+# ---- 7b. baselines a user would otherwise pick ----
+def clip_text_prompts(args: Args) -> list[str]:
+    """VLM-RM's text: the task's description. (Not the toy CLIP's "<task>, done" caption: that CLIP learned
+    it from the demos' success flags, which would make the baseline a success detector trained on labels
+    no generative reward sees; eval-reward reports it as `clip_text_done`, a reference like `dense`.)"""
+    return [task_prompt(args.task)]
+
+
+@torch.no_grad()
+def clip_text_reward(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -> np.ndarray:
+    """VLM-RM (Rocamonde et al. 2024): r_t = cos(CLIP_img(o_t), CLIP_txt(prompt)) for t = 1..T -> (T,)."""
+    device = next(clip.parameters()).device
+    text = F.normalize(clip.encode_text(tokenizer(prompts).to(device), normalize=True).float().mean(0), dim=0).cpu()
+    return (frame_features(clip, frames[1:]) @ text).numpy()
+
+
+def pixel_reward(frames: np.ndarray, goal_frame: np.ndarray) -> np.ndarray:
+    """The negative mean squared pixel distance of o_t (t = 1..T) to the goal frame, in [0, 1] units -> (T,)."""
+    diff = (frames[1:].astype(np.float32) - goal_frame.astype(np.float32)) / 255
+    return -(diff ** 2).mean(axis=(1, 2, 3))
+
+
+# ---- 7c. eval-reward: rewards judged on held-out episodes whose outcome is known ----
+# For each reward, on held-out initial states, with episodes of every behaviour (section 2):
+#   voc         Spearman correlation of the per-step reward with time, averaged over the successful
+#               expert episodes (value-order correlation: a good reward rises as the task progresses);
+#   voc_random  the same on random-policy episodes: a control. A reward that rises with time whatever the
+#               agent does (e.g. because the clip o_{0:t} fills with motion) is no reward; want ~0;
+#   auroc       how well the episode's reward sum separates successful from failed episodes (all
+#               behaviours pooled): the probability that a random success outscores a random failure.
+# Every reward is run against two goals per initial state: the generated goal video, and an oracle (the
+# expert's real video from that state), so that goal-video quality and reward design can be told apart.
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (ties get their mean rank); 0 when either side is constant."""
+    def ranks(v):
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v)); r[order] = np.arange(len(v))
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        return (np.bincount(inverse, r) / counts)[inverse]  # mean rank of each tie group
+    rx, ry = ranks(np.asarray(x)), ranks(np.asarray(y))
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting 1/2."""
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg)))
+
+
+def reward_quality(rewards: dict[str, list[np.ndarray]], behaviours: list[str], success: np.ndarray) -> dict:
+    """{name: {"voc", "voc_random", "auroc"}} from per-step rewards {name: [(T,) per episode]}."""
+    success, behaviours = np.asarray(success), np.asarray(behaviours)
+    out = {}
+    for name, per_episode in rewards.items():
+        def voc(mask):
+            corr = [spearman(np.arange(len(r)), r) for r, m in zip(per_episode, mask) if m]
+            return float(np.mean(corr)) if corr else float("nan")
+        out[name] = {"voc": voc((behaviours == "expert") & success), "voc_random": voc(behaviours == "random"),
+                     "auroc": auroc(np.array([r.sum() for r in per_episode]), success)}
+    return out
+
+
+def auroc_by_failure(rewards: dict[str, list[np.ndarray]], behaviours: list[str], success: np.ndarray) -> dict:
+    """{name: {behaviour: auroc}}: all successes against the failures of one behaviour at a time (which
+    failures a reward cannot tell from success)."""
+    success, behaviours = np.asarray(success), np.asarray(behaviours)
+    out = {}
+    for name, per_episode in rewards.items():
+        sums = np.array([r.sum() for r in per_episode])
+        out[name] = {b: auroc(sums[success | (behaviours == b)], success[success | (behaviours == b)])
+                     for b in BEHAVIOURS if ((behaviours == b) & ~success).any()}
+    return out
+
+
+def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> dict:
+    """CLI `eval-reward`: every reward (r_video, r_fb, E6's combination, and baselines) on held-out episodes
+    of every behaviour, against generated and oracle goal videos. Writes metrics.json
+    ({reward: {voc, voc_random, auroc}}, the oracle's under "oracle"), reward_curves.png, goal_frames.png."""
+    from diffusers import AutoencoderKLCogVideoX
+    from tqdm import tqdm
+    out = Path(out or default_out(args, "eval-reward"))
+    t0 = time.time()
+    model = load_video_model(args)
+    # data: FB trains on the expert demos + exploratory episodes; the exploratory (random) ones also set
+    # E2's reference and E6's scales. All from training initial states; judging uses held-out ones.
+    demos = split_episodes(collect_demos(args, progress=progress))
+    explore = split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0, behaviour="random",
+                                           progress=progress))
+    noisy = split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0, behaviour="noisy",
+                                         progress=progress))
+    fb = train_fb(args, model.clip, demos + explore + noisy, key={"clip": model.name, "demos": args.episodes,
+                  "explore": args.explore_episodes, "noise": NOISE_STD, **data_key(args)}, progress=progress)
+    held_out, behaviours = [], []
+    for b in BEHAVIOURS:
+        held_out += split_episodes(collect_demos(args, episodes=args.eval_videos, seed0=HELDOUT_SEED0, behaviour=b,
+                                                 progress=progress))
+        behaviours += [b] * args.eval_videos
+    success = np.array([ep["success"].any() for ep in held_out])
+    # r_video's variants, each a row: centred on the exploratory mean latent; a window of the last frames
+    # instead of linspace; and through a VAE of the same architecture that never trained (what training buys)
+    g = GenerativeReward(args, model.vae, model.clip, model.tokenizer, fb, explore)
+    variants = {"vdr": g}
+    for name, change in (("r_video_centred", dict(video_centre=True)), ("r_video_window", dict(video_clip="window"))):
+        same_clips = change.get("video_clip", args.video_clip) == args.video_clip  # then reuse g's encoded clips
+        variants[name] = GenerativeReward(dataclasses.replace(args, **change), model.vae, model.clip, model.tokenizer,
+                                          fb, explore, state=g.state_dict() if same_clips else None)
+    if args.video_model == "toy":
+        torch.manual_seed(args.seed)
+        untrained = AutoencoderKLCogVideoX(**TOY_VAE_CONFIG).eval()
+        untrained.register_to_config(scaling_factor=model.vae.config.scaling_factor)
+        variants["r_video_untrained"] = GenerativeReward(args, untrained, model.clip, model.tokenizer, fb, explore)
+    latents, encoded = {}, {}  # E(clip_t) of every held-out episode, per variant (shared where VAE and clips agree)
+    for k, g in variants.items():
+        key = (id(g.vae), g.args.video_clip)
+        if key not in encoded:
+            encoded[key] = [g.latents(ep) for ep in tqdm(held_out, desc=f"encode [{k}]", disable=not progress)]
+        latents[k] = encoded[key]
+    expert = [ep for ep, b in zip(held_out, behaviours) if b == "expert"]
+    goal_videos = {"generated": [goal_video(args, model, ep["frames"][0], seed=args.seed + i)
+                                 for i, ep in enumerate(tqdm(expert, desc="goal videos", disable=not progress))],
+                   "oracle": [resample(ep["frames"], args.video_frames) for ep in expert]}
+    prompts = clip_text_prompts(args)
+    metrics = {"task": args.task, "episodes": {b: behaviours.count(b) for b in BEHAVIOURS},
+               "success_rate": {b: float(success[np.array(behaviours) == b].mean()) for b in BEHAVIOURS}}
+    curves = {}
+    for kind, videos in goal_videos.items():
+        goals = {k: [g.goal(v) for v in videos] for k, g in variants.items()}
+        rewards = {name: [] for name in ("combined", "r_video", "r_fb", *list(variants)[1:], "clip_text",
+                                         "pixel_distance", "clip_text_done", "dense")}
+        for j, ep in enumerate(held_out):
+            i = j % args.eval_videos  # the initial state, hence the goal, of this episode
+            goal = goals["vdr"][i]
+            terms = g.terms(ep, goal, latents["vdr"][j])
+            rewards["combined"].append(g.combine(terms, goal))
+            rewards["r_video"].append(terms["r_video"]); rewards["r_fb"].append(terms["r_fb"])
+            for name in list(variants)[1:]:
+                rewards[name].append(variants[name].terms(ep, goals[name][i], latents[name][j])["r_video"])
+            rewards["clip_text"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"], prompts))
+            if args.clip_model == "toy":
+                rewards["clip_text_done"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"],
+                                                                  goal_prompts(args)))
+            rewards["pixel_distance"].append(pixel_reward(ep["frames"], goal.video[goal.frame_index]))
+            rewards["dense"].append(ep["env_rewards"])
+        rewards = {k: v for k, v in rewards.items() if v}
+        quality = reward_quality(rewards, behaviours, success)
+        if kind == "generated":
+            metrics.update(quality)
+            metrics["auroc_by_failure"] = auroc_by_failure(rewards, behaviours, success)
+            curves = rewards
+            plot_goal_frames(goals["vdr"][:3], out / "goal_frames.png")
+        else:
+            metrics["oracle"] = quality
+    metrics["wall_seconds"] = time.time() - t0
+    write_json(out / "metrics.json", metrics)
+    plot_reward_curves(curves, behaviours, out / "reward_curves.png", args.task)
+    episodes = ", ".join(f"{n} {b} ({metrics['success_rate'][b]:.0%} successful)"
+                         for b, n in metrics["episodes"].items())
+    print(f"\n{args.task}: rewards on {len(held_out)} held-out episodes: {episodes} ({metrics['wall_seconds']:.0f} s)")
+    print(f"{'':20s} {'generated goal':^26s} | {'oracle goal':^26s} | auroc, successes vs failed:")
+    print(f"{'reward':20s} {'voc':>6s} {'voc_random':>11s} {'auroc':>6s}  | {'voc':>6s} {'voc_random':>11s} {'auroc':>6s}  | "
+          + " ".join(f"{b:>7s}" for b in metrics["auroc_by_failure"]["dense"]))
+    for name in curves:
+        g, o = metrics[name], metrics["oracle"][name]
+        print(f"{name:20s} {g['voc']:6.2f} {g['voc_random']:11.2f} {g['auroc']:6.2f}  | "
+              f"{o['voc']:6.2f} {o['voc_random']:11.2f} {o['auroc']:6.2f}  | "
+              + " ".join(f"{v:7.2f}" for v in metrics["auroc_by_failure"][name].values()))
+    return metrics
+
+
+def plot_reward_curves(rewards: dict[str, list[np.ndarray]], behaviours: list[str], path: Path, task: str) -> Path:
+    """One panel per reward: per-step reward against t for every held-out episode, coloured by behaviour."""
+    from matplotlib.figure import Figure
+    colours = {"expert": "tab:blue", "noisy": "tab:orange", "stopped": "tab:green", "random": "tab:red"}
+    cols = 4
+    fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(rewards) / cols)))
+    axes = fig.subplots(math.ceil(len(rewards) / cols), cols, squeeze=False).flatten()
+    for ax, (name, per_episode) in zip(axes, rewards.items()):
+        for r, b in zip(per_episode, behaviours):
+            ax.plot(np.arange(1, len(r) + 1), r, color=colours[b], alpha=0.5, lw=1)
+        ax.set(title=name, xlabel="env step t")
+    for b, c in colours.items():
+        axes[0].plot([], [], color=c, label=b)
+    axes[0].legend(fontsize=8)
+    for ax in axes[len(rewards):]:
+        ax.axis("off")
+    fig.suptitle(f"{task}: per-step rewards on held-out episodes (generated goal)")
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+
+
+def plot_goal_frames(goals: list[Goal], path: Path) -> Path:
+    """For each goal: its frames with E3's CLIP score under each, the chosen frame I* boxed in red."""
+    from matplotlib.figure import Figure
+    F_ = len(goals[0].video)
+    fig = Figure(figsize=(F_ * 0.9, 1.3 * len(goals)))
+    axes = fig.subplots(len(goals), F_, squeeze=False)
+    for row, goal in zip(axes, goals):
+        for k, ax in enumerate(row):
+            ax.imshow(goal.video[k]); ax.set_xticks([]); ax.set_yticks([])
+            ax.set_xlabel(f"{goal.clip_scores[k]:.2f}", fontsize=7)
+            if k == goal.frame_index:
+                for side in ax.spines.values():
+                    side.set(color="red", linewidth=3)
+    fig.suptitle("generated goal videos; E3's CLIP score under each frame, I* boxed")
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+
+
+# =====================================================================================================
+# 8. SAC: soft actor-critic [3], in CleanRL's conventions [4]
 # =====================================================================================================
 # Maximise  E[ sum_t gamma^t (r_t + alpha * H(pi(.|s_t))) ]  with
 #   twin critics      Q_k(s, a), k = 1, 2, trained on   y = r + gamma * (1 - done) *
@@ -1547,6 +2017,17 @@ class ReplayBuffer:
             self.next_obs[self.ptr], self.dones[self.ptr] = next_obs[i], dones[i]
             self.ptr = (self.ptr + 1) % self.size
             self.full = self.full or self.ptr == 0
+
+    def state_dict(self) -> dict:
+        n = len(self)  # only the filled part is saved (as tensors: torch.load(weights_only=True) takes no numpy)
+        arrays = {k: torch.from_numpy(getattr(self, k)[:n].copy()) for k in ("obs", "next_obs", "actions", "rewards",
+                                                                              "dones")}
+        return arrays | {"ptr": self.ptr, "full": self.full}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k in ("obs", "next_obs", "actions", "rewards", "dones"):
+            getattr(self, k)[:len(state[k])] = state[k].numpy()
+        self.ptr, self.full = state["ptr"], state["full"]
 
     def sample(self, batch_size: int) -> dict[str, torch.Tensor]:
         idx = self.rng.integers(0, len(self), batch_size)
@@ -1629,30 +2110,123 @@ class SAC:
                     tp.lerp_(p, args.tau)
         return metrics
 
+    PARTS = ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer", "a_optimizer")
+
     def state_dict(self) -> dict:
-        return {name: getattr(self, name).state_dict() for name in
-                ("actor", "qf1", "qf2", "qf1_target", "qf2_target", "q_optimizer", "actor_optimizer",
-                 "a_optimizer")} | {"log_alpha": self.log_alpha.detach().cpu()}
+        parts = {name: getattr(self, name).state_dict() for name in self.PARTS}
+        return parts | {"log_alpha": self.log_alpha.detach().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        for name in self.PARTS:
+            getattr(self, name).load_state_dict(state[name])
+        with torch.no_grad():
+            self.log_alpha.copy_(state["log_alpha"])
 
 
 # =====================================================================================================
-# 8. Training loop, evaluation, reports, and the command line
+# 9. Training loop, evaluation, reports, and the command line
 # =====================================================================================================
-# Rewards are computed per episode, when it ends, in one call (`episode_rewards`); only then do its
-# transitions enter the replay buffer. That costs nothing for the env's own rewards and is the cheap way
-# to use a video-level reward, which needs the episode's frames, in one batched encoder call.
+# Reward modes (--reward), all in one loop:
+#     gen        E6 alone, reward-free: alpha * r_video + beta * r_fb, standardised (section 7); the env's
+#                reward and success flag are used only to evaluate. The default of the method.
+#     gen+dense  the paper's hybrid: Meta-World's dense reward + E6.
+#     dense      Meta-World's hand-shaped reward (in [0, 10] per step) [2].
+#     sparse     1 at the steps where the task is solved, else 0.
+#     clip-text  VLM-RM: CLIP similarity of each frame to the task's text (section 7b).
+# Rewards are computed per episode, when it ends, in one batched call; only then do its transitions enter
+# the replay buffer. That costs nothing for the env's own rewards and is the cheap way to use a
+# video-level reward, which needs the episode's frames, in one batched encoder call.
+# The generative modes, per episode: a goal video generated from the episode's first frame (every episode
+# starts from a new initial state, so no goal is reused; ~1 s on the toy model), E2 on the episode's
+# frames, and E5 from an FB trained online. The first learning_starts steps (random actions) are held
+# back: they are the exploratory episodes that set E2's reference and E6's scales, and FB's first data;
+# when they are in, FB trains fb_warmup steps, the held-back episodes are scored, and SAC starts. FB then
+# trains on its own replay (psi features of the frames are stored, not the frames) every fb_every env
+# steps until fb_freeze, and is frozen after.
+GEN_MODES = ("gen", "gen+dense")
 
-def episode_rewards(args: Args, episode: dict) -> np.ndarray:
-    """The reward the agent learns from, for each step of one finished episode: (T,) float32.
 
-    dense:  Meta-World's hand-shaped reward (in [0, 10] per step) [2].
-    sparse: 1 at the steps where the task is solved, else 0.
-    """
-    if args.reward == "dense":
-        return episode["env_rewards"]
-    if args.reward == "sparse":
-        return episode["success"].astype(np.float32)
-    raise VdrError(f"unknown reward mode {args.reward!r}; choose one of: {', '.join(REWARD_MODES)}")
+class EpisodeRewards:
+    """`rewards(episode, step)` -> [(episode, rewards (T,) float32), ...]: the finished episodes that are ready
+    for the replay buffer (none, while the generative modes hold exploratory episodes back). An episode
+    is a dict of arrays: states (T+1, obs_dim), actions (T, act_dim), env_rewards (T,), success (T,), and
+    frames (T+1, H, W, 3) in the modes that need them (`needs_frames`)."""
+
+    def __init__(self, args: Args, obs_dim: int, act_dim: int):
+        self.args, self.pending, self.reward, self.episodes = args, [], None, 0
+        self.needs_frames = args.reward in (*GEN_MODES, "clip-text")
+        if self.needs_frames:
+            self.model = load_video_model(args)  # cached; the toy model trains on first use (~11 min)
+        if args.reward in GEN_MODES:
+            psi_dim = frame_features(self.model.clip, np.zeros((1, 8, 8, 3), np.uint8)).shape[-1]
+            self.fb = FB(obs_dim, act_dim, psi_dim, seed=args.seed)
+            self.fb_data, self.fb_parts = None, []  # FB's replay: fb_transitions() dicts, joined when sampled
+            self.fb_gen = torch.Generator().manual_seed(args.seed)
+
+    def __call__(self, episode: dict, step: int) -> list[tuple[dict, np.ndarray]]:
+        mode = self.args.reward
+        if mode == "dense":
+            return [(episode, episode["env_rewards"])]
+        if mode == "sparse":
+            return [(episode, episode["success"].astype(np.float32))]
+        if mode == "clip-text":
+            return [(episode, clip_text_reward(self.model.clip, self.model.tokenizer, episode["frames"],
+                                               clip_text_prompts(self.args)))]
+        if step < self.args.fb_freeze:  # FB's data: psi of the frames, computed once
+            self.fb_parts.append(fb_transitions([episode], self.model.clip))
+        if self.reward is None:  # still exploring: hold the episode back
+            self.pending.append(episode)
+            if step + 1 < self.args.learning_starts:
+                return []
+            self.update_fb(self.args.fb_warmup)
+            self.reward = GenerativeReward(self.args, self.model.vae, self.model.clip, self.model.tokenizer,
+                                           self.fb, self.pending)
+            ready, self.pending = self.pending, []
+        else:
+            ready = [episode]
+        return [(ep, self.score(ep)) for ep in ready]
+
+    def score(self, episode: dict) -> np.ndarray:
+        """E6 (+ the env's reward in gen+dense) against a goal video generated from the episode's first frame."""
+        self.episodes += 1
+        video = generate_video(self.model, episode["frames"][0], task_prompt(self.args.task), self.args.video_frames,
+                               seed=self.args.seed * 1_000_003 + self.episodes, steps=self.args.sample_steps)
+        r = self.reward.reward(episode, self.reward.goal(video))
+        return r + episode["env_rewards"] if self.args.reward == "gen+dense" else r
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs: FB with its optimiser and data, the held-back episodes, and the frozen
+        parts of the generative reward (exploratory latents, m, and the exploratory transitions)."""
+        if self.args.reward not in GEN_MODES:
+            return {}
+        reward = None if self.reward is None else self.reward.state_dict()
+        return {"fb": self.fb.state_dict(), "fb_opt": self.fb.opt.state_dict(), "fb_gen": self.fb_gen.get_state(),
+                "fb_fb_gen": self.fb.gen.get_state(), "fb_data": self.fb_data, "fb_parts": self.fb_parts,
+                "pending": [{k: torch.from_numpy(v) for k, v in ep.items()} for ep in self.pending],  # no numpy
+                "reward": reward, "episodes": self.episodes}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.args.reward not in GEN_MODES:
+            return
+        self.fb.load_state_dict(state["fb"]); self.fb.opt.load_state_dict(state["fb_opt"])
+        self.fb_gen.set_state(state["fb_gen"]); self.fb.gen.set_state(state["fb_fb_gen"])
+        self.fb_data, self.fb_parts, self.episodes = state["fb_data"], state["fb_parts"], state["episodes"]
+        self.pending = [{k: v.numpy() for k, v in ep.items()} for ep in state["pending"]]
+        if state["reward"] is not None:  # rebuilt from its saved parts (the exploratory frames are gone)
+            self.reward = GenerativeReward(self.args, self.model.vae, self.model.clip, self.model.tokenizer, self.fb,
+                                           state=state["reward"])
+
+    def update_fb(self, updates: int) -> dict:
+        """`updates` steps of E4 on FB's replay (uniform batches of args.fb_batch transitions)."""
+        if self.fb_parts:  # join the episodes added since the last update
+            self.fb_data = {k: torch.cat(([self.fb_data[k]] if self.fb_data else []) + [p[k] for p in self.fb_parts])
+                            for k in self.fb_parts[0]}
+            self.fb_parts = []
+        metrics = {}
+        for _ in range(updates):
+            idx = torch.randint(len(self.fb_data["obs"]), (self.args.fb_batch,), generator=self.fb_gen)
+            metrics = self.fb.update({k: v[idx] for k, v in self.fb_data.items()})
+        return metrics
 
 
 def evaluate(agent: SAC, env: MetaWorld, episodes: int) -> dict[str, float]:
@@ -1674,37 +2248,60 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
 
     out = Path(out or default_out(args, "train"))
     out.mkdir(parents=True, exist_ok=True)
+    checkpoint = out / "checkpoint.pt"
+    resume = load_checkpoint(checkpoint) if args.resume and checkpoint.exists() else None
+    if resume is not None and resume["args"] != {**dataclasses.asdict(args), "resume": False}:
+        raise VdrError(f"{checkpoint} was written by a run with other settings; resume with the same flags "
+                       "(see its args.json), or use another --out")
     write_json(out / "args.json", dataclasses.asdict(args))
     rng = seed_everything(args.seed)
     with make_env(args) as env, make_env(args) as eval_env:
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         agent = SAC(obs_dim, act_dim, args)
         rb = ReplayBuffer(obs_dim, act_dim, min(args.buffer_size, args.steps), rng)
-        logger = Logger(out)
-        curve, episode, eval_time, start = [], None, 0.0, time.time()
-        bar = tqdm(range(args.steps), desc=f"train {args.task} [{args.reward}]", disable=not progress)
+        rewards = EpisodeRewards(args, obs_dim, act_dim)
+        curve, episode, eval_time, reward_time, first_step, save_due = [], None, 0.0, 0.0, 0, False
+        if resume is not None:  # every piece of state the loop carries, as it was at the checkpoint
+            agent.load_state_dict(resume["agent"]); rb.load_state_dict(resume["buffer"])
+            rewards.load_state_dict(resume["rewards"])
+            rng.bit_generator.state = resume["rng"]; torch.set_rng_state(resume["torch_rng"])
+            curve, eval_time, reward_time = resume["curve"], resume["eval_time"], resume["reward_time"]
+            first_step = resume["step"]
+        logger = Logger(out, keep_bytes=resume["log_bytes"] if resume else None)
+        start = time.time() - (resume["elapsed"] if resume else 0.0)
+        bar = tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
+                   desc=f"train {args.task} [{args.reward}]", disable=not progress)
         for global_step in bar:
             if episode is None:  # start an episode from a fresh seeded initial state
                 obs, _ = env.reset(seed=int(rng.integers(DEMO_SEED0)))
-                episode = {k: [] for k in ("obs", "actions", "env_rewards", "success", "next_obs", "dones")}
+                episode = {k: [] for k in ("states", "actions", "env_rewards", "success", "dones", "frames")}
+                episode["states"].append(obs)
+                if rewards.needs_frames:
+                    episode["frames"].append(env.render())
             if global_step < args.learning_starts:
                 action = rng.uniform(-1, 1, act_dim).astype(np.float32)  # uniform exploration (CleanRL)
             else:
                 action = agent.act(obs)
-            next_obs, reward, terminated, truncated, info = env.step(action)
-            for k, v in zip(episode, (obs, action, reward, info["success"] > 0, next_obs, float(terminated))):
+            obs, reward, terminated, truncated, info = env.step(action)
+            for k, v in zip(episode, (obs, action, reward, info["success"] > 0, float(terminated))):
                 episode[k].append(v)
-            obs = next_obs
+            if rewards.needs_frames:
+                episode["frames"].append(env.render())
 
-            if terminated or truncated:  # score the finished episode, then store its transitions
-                ep = {k: np.array(v) for k, v in episode.items()}
-                rb.add(ep["obs"], ep["actions"], episode_rewards(args, ep), ep["next_obs"], ep["dones"])
+            if terminated or truncated:  # score the finished episode(s), then store the transitions
+                ep = {k: np.array(v) for k, v in episode.items()}  # states (T+1, obs_dim), frames (T+1, H, W, 3)
+                t0 = time.time()
+                for done_ep, r in rewards(ep, global_step):
+                    rb.add(done_ep["states"][:-1], done_ep["actions"], r, done_ep["states"][1:], done_ep["dones"])
+                reward_time += time.time() - t0
                 logger.log(global_step, {"charts/episodic_return": float(ep["env_rewards"].sum()),
                                          "charts/episodic_success": float(ep["success"].any())})
                 episode = None
 
             if global_step >= args.learning_starts and len(rb) >= args.batch_size:
                 losses = agent.update(rb.sample(args.batch_size), global_step)
+                if rewards.reward is not None and global_step < args.fb_freeze and global_step % args.fb_every == 0:
+                    losses |= rewards.update_fb(1)  # FB learns online until it is frozen
                 if global_step % 100 == 0:  # log every 100 steps, as CleanRL does
                     sps = (global_step + 1) / (time.time() - start - eval_time)
                     logger.log(global_step, losses | {"charts/SPS": sps})
@@ -1716,6 +2313,17 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                 curve.append({"env_steps": global_step + 1, **result})
                 logger.log(global_step + 1, result)
                 bar.set_postfix(success=f"{result['eval/success']:.2f}", ret=f"{result['eval/return']:.0f}")
+                save_due = True
+            # A checkpoint after each evaluation, at the first episode boundary (no half episode to save).
+            if save_due and episode is None and global_step + 1 < args.steps:
+                logger.file.flush()
+                state = {"args": dataclasses.asdict(args) | {"resume": False}, "step": global_step + 1,
+                         "agent": agent.state_dict(), "buffer": rb.state_dict(), "rewards": rewards.state_dict(),
+                         "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "curve": curve,
+                         "eval_time": eval_time, "reward_time": reward_time, "elapsed": time.time() - start,
+                         "log_bytes": logger.file.tell()}
+                atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
+                save_due = False
         wall = time.time() - start
         logger.close()
 
@@ -1723,9 +2331,10 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     metrics = {"task": args.task, "reward": args.reward, "seed": args.seed,
                "eval_success": curve[-1]["eval/success"], "eval_return": curve[-1]["eval/return"],
                "env_steps": args.steps, "steps_per_second": args.steps / (wall - eval_time),
-               "wall_seconds": wall, "curve": curve}
+               "wall_seconds": wall, "reward_seconds": reward_time, "eval_seconds": eval_time, "curve": curve}
     write_json(out / "metrics.json", metrics)
     plot_learning_curve(curve, out / "learning_curve.png", f"{args.task} - SAC on the {args.reward} reward")
+    checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume
     return metrics
 
 
@@ -1775,6 +2384,94 @@ def run(args: Args, out: Path | None = None) -> dict:
     return metrics
 
 
+# ---- the benchmark: tasks x reward modes x seeds, in parallel processes, resumable ----
+def bench_run(job: tuple) -> dict:
+    """One training run of the bench, in a worker process: (args, out, threads) -> its metrics."""
+    args, out, threads = job
+    torch.set_num_threads(threads)  # workers share the cores instead of fighting over them
+    return train(args, out, progress=False)
+
+
+def bench(args: Args, out: Path | None = None) -> dict:
+    """CLI `bench`: train every (task, reward mode, seed) of --bench-tasks x --bench-modes x 1..--bench-seeds
+    for --steps env steps. Finished runs are skipped and interrupted ones resume, so rerunning the command
+    continues the bench. Writes results.csv (a row per run), summary.md, and curves_<task>.png."""
+    import csv
+    import multiprocessing
+    from tqdm import tqdm
+    out = Path(out or Path("runs") / "bench")
+    tasks, modes = args.bench_tasks.split(","), args.bench_modes.split(",")
+    jobs, threads = [], max(1, (os.cpu_count() or 1) // args.workers)
+    for task in tasks:
+        if any(m in (*GEN_MODES, "clip-text") for m in modes):
+            load_video_model(dataclasses.replace(args, task=task))  # train the video model once, before the workers
+        for mode in modes:
+            for seed in range(1, args.bench_seeds + 1):
+                run_out = out / "runs" / f"{task}-{mode}-s{seed}"
+                if not (run_out / "metrics.json").exists():
+                    run_args = dataclasses.replace(args, task=task, reward=mode, seed=seed, resume=True)
+                    jobs.append((run_args, run_out, threads))
+    print(f"bench: {len(tasks)} tasks x {len(modes)} modes x {args.bench_seeds} seeds, {args.steps} steps each; "
+          f"{len(jobs)} runs to do, {args.workers} at a time with {threads} threads each")
+    if jobs:
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for _ in tqdm(pool.imap_unordered(bench_run, jobs), total=len(jobs), desc="bench"):
+                pass
+    rows = []
+    for task in tasks:
+        for mode in modes:
+            for seed in range(1, args.bench_seeds + 1):
+                m = json.loads((out / "runs" / f"{task}-{mode}-s{seed}" / "metrics.json").read_text())
+                keys = ("task", "reward", "seed", "eval_success", "eval_return", "env_steps", "steps_per_second",
+                        "wall_seconds", "reward_seconds")
+                rows.append({k: m[k] for k in keys} | {"curve": m["curve"]})
+    fields = [k for k in rows[0] if k != "curve"]
+
+    def write_csv(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+            writer.writeheader(); writer.writerows(rows)
+    atomic_write(out / "results.csv", write_csv)
+    lines = [f"# vdr bench: SAC, {args.steps} env steps, {args.bench_seeds} seeds, eval success at the end "
+             f"(mean ± std over seeds)\n", "| task | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    summary = {}
+    for task in tasks:
+        cells = []
+        for mode in modes:
+            s_ = [r["eval_success"] for r in rows if r["task"] == task and r["reward"] == mode]
+            summary[f"{task}/{mode}"] = (float(np.mean(s_)), float(np.std(s_)))
+            cells.append(f"{np.mean(s_):.2f} ± {np.std(s_):.2f}")
+        lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        plot_bench_curves([r for r in rows if r["task"] == task], modes, out / f"curves_{task}.png", task)
+    lines += ["", "| reward mode | env steps/s (mean over runs) | reward computation, share of wall time |",
+              "|---|---|---|"]
+    for mode in modes:
+        rs = [r for r in rows if r["reward"] == mode]
+        lines.append(f"| {mode} | {np.mean([r['steps_per_second'] for r in rs]):.0f} | "
+                     f"{np.mean([r['reward_seconds'] / r['wall_seconds'] for r in rs]):.0%} |")
+    text = "\n".join(lines) + "\n"
+    atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
+    print(text)
+    return summary
+
+
+def plot_bench_curves(rows: list[dict], modes: list[str], path: Path, task: str) -> Path:
+    """Eval success against env steps, mean over seeds with the min-max band, one line per reward mode."""
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(6, 3.6))
+    ax = fig.subplots()
+    for mode in modes:
+        curves = [r["curve"] for r in rows if r["reward"] == mode]
+        steps = [c["env_steps"] for c in curves[0]]
+        success = np.array([[c["eval/success"] for c in curve] for curve in curves])  # (seeds, evals)
+        ax.plot(steps, success.mean(0), marker="o", ms=3, label=mode)
+        ax.fill_between(steps, success.min(0), success.max(0), alpha=0.15)
+    ax.set(xlabel="env steps", ylabel="eval success rate", ylim=(-0.05, 1.05), title=f"{task}: SAC per reward mode")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+
+
 COMMANDS = {
     "run": (run, "the main job: demos, then SAC on the task, then a report (the default command)"),
     "collect": (collect, "collect and cache scripted-expert demos of a task; print the success rate"),
@@ -1782,7 +2479,9 @@ COMMANDS = {
     "finetune": (finetune, "finetune the video model on the task's expert videos (toy: whole DiT; paper: LoRA)"),
     "goal": (goal, "generate a goal video from a held-out first frame and the task prompt (GIF + PNG)"),
     "eval-video": (eval_video, "score generated goal videos against the expert's real videos, with baselines"),
+    "eval-reward": (eval_reward, "judge every reward (r_video, r_fb, E6, baselines) on held-out episodes"),
     "train": (train, "train SAC on a task with a reward mode; write metrics.json and a learning curve"),
+    "bench": (bench, "SAC on tasks x reward modes x seeds, in parallel, resumable; results.csv and summary.md"),
 }
 
 
