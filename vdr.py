@@ -2286,7 +2286,9 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
             for k, v in zip(episode, (obs, action, reward, info["success"] > 0, float(terminated))):
                 episode[k].append(v)
             if rewards.needs_frames:
+                t0 = time.time()
                 episode["frames"].append(env.render())
+                reward_time += time.time() - t0  # what the reward costs: rendering, scoring, FB (below)
 
             if terminated or truncated:  # score the finished episode(s), then store the transitions
                 ep = {k: np.array(v) for k, v in episode.items()}  # states (T+1, obs_dim), frames (T+1, H, W, 3)
@@ -2301,7 +2303,9 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
             if global_step >= args.learning_starts and len(rb) >= args.batch_size:
                 losses = agent.update(rb.sample(args.batch_size), global_step)
                 if rewards.reward is not None and global_step < args.fb_freeze and global_step % args.fb_every == 0:
+                    t0 = time.time()
                     losses |= rewards.update_fb(1)  # FB learns online until it is frozen
+                    reward_time += time.time() - t0
                 if global_step % 100 == 0:  # log every 100 steps, as CleanRL does
                     sps = (global_step + 1) / (time.time() - start - eval_time)
                     logger.log(global_step, losses | {"charts/SPS": sps})
@@ -2331,7 +2335,8 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     metrics = {"task": args.task, "reward": args.reward, "seed": args.seed,
                "eval_success": curve[-1]["eval/success"], "eval_return": curve[-1]["eval/return"],
                "env_steps": args.steps, "steps_per_second": args.steps / (wall - eval_time),
-               "wall_seconds": wall, "reward_seconds": reward_time, "eval_seconds": eval_time, "curve": curve}
+               "wall_seconds": wall, "eval_seconds": eval_time, "curve": curve,
+               "reward_seconds": reward_time}  # what the reward cost: frames rendered, goal videos, E2-E6, FB updates
     write_json(out / "metrics.json", metrics)
     plot_learning_curve(curve, out / "learning_curve.png", f"{args.task} - SAC on the {args.reward} reward")
     checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume
