@@ -1432,14 +1432,15 @@ def latent_similarity(z: torch.Tensor, z_goal: torch.Tensor, reference: torch.Te
 
 
 def video_reward(vae, frames: np.ndarray, goal_latents: torch.Tensor, num_frames: int, every: int = 10,
-                 mode: str = "linspace", reference: torch.Tensor | None = None) -> np.ndarray:
+                 mode: str = "linspace", reference: torch.Tensor | None = None,
+                 latents: torch.Tensor | None = None) -> np.ndarray:
     """E2 for every step of one episode: frames (T+1, H, W, 3) uint8 -> r_video (T,) float32 in [-1, 1].
 
     goal_latents: vae_encode of the goal video (any shape with (k+1)*C*h*w numbers); reference: m, or None
-    for the paper's plain cosine. Step t's reward scores o_{0:t}, computed at t = every, 2 every, ..., T and
-    held for the steps before the next computation."""
+    for the paper's plain cosine; latents: clip_latents(...) of these frames if the caller has them. Step
+    t's reward scores o_{0:t}, computed at t = every, 2 every, ..., T and held until the next computation."""
     T = len(frames) - 1
-    z = clip_latents(vae, frames, num_frames, every, mode)  # (n, D)
+    z = clip_latents(vae, frames, num_frames, every, mode) if latents is None else latents  # (n, D)
     return hold(scored_steps(T, every), latent_similarity(z, goal_latents.flatten().float().cpu(), reference), T)
 
 
@@ -1461,14 +1462,17 @@ def goal_prompts(args: Args) -> list[str]:
 
 
 @torch.no_grad()
+def text_target(clip, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """The normalised mean of the prompts' CLIP text embeddings: (D,) float32 on the CPU."""
+    device = next(clip.parameters()).device
+    return F.normalize(clip.encode_text(tokenizer(prompts).to(device), normalize=True).float().mean(0), dim=0).cpu()
+
+
 def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -> tuple[int, np.ndarray]:
     """E3: (index of the goal frame I*, CLIP scores (F,)) for a video (F, H, W, 3) and text prompts."""
-    image = clip_image_features(clip, frames)  # (F, D), unit norm
-    device = next(clip.parameters()).device
-    text = F.normalize(clip.encode_text(tokenizer(prompts).to(device), normalize=True).mean(0), dim=0)  # (D,)
-    scores = (image @ text).float().cpu().numpy()  # (F,) cosine similarities
+    image = clip_image_features(clip, frames).float().cpu()  # (F, D), unit norm
+    scores = (image @ text_target(clip, tokenizer, prompts)).numpy()  # (F,) cosine similarities
     return int(scores.argmax()), scores
-
 
 
 # =====================================================================================================
@@ -1710,10 +1714,8 @@ class GenerativeReward:
     def terms(self, episode: dict, goal: Goal, latents: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """The raw r_video (E2) and r_fb (E5) of every step of an episode: {name: (T,)}. `latents`:
         self.latents(episode), when the caller already has them (they do not depend on the goal)."""
-        T = len(episode["actions"])
-        latents = self.latents(episode) if latents is None else latents
-        scores = latent_similarity(latents, goal.latents, self.reference)  # (n,) at the scored steps
-        r_video = hold(scored_steps(T, self.args.reward_every), scores, T)
+        r_video = video_reward(self.vae, episode["frames"], goal.latents, self.args.video_frames,
+                               self.args.reward_every, self.args.video_clip, self.reference, latents)
         r_fb = self.fb.reward(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
                               goal.features).numpy()  # r_fb(s_t, a_t), t = 0..T-1
         return {"r_video": r_video, "r_fb": r_fb.astype(np.float32)}
@@ -1739,9 +1741,7 @@ def clip_text_prompts(args: Args) -> list[str]:
 @torch.no_grad()
 def clip_text_reward(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -> np.ndarray:
     """VLM-RM (Rocamonde et al. 2024): r_t = cos(CLIP_img(o_t), CLIP_txt(prompt)) for t = 1..T -> (T,)."""
-    device = next(clip.parameters()).device
-    text = F.normalize(clip.encode_text(tokenizer(prompts).to(device), normalize=True).float().mean(0), dim=0).cpu()
-    return (frame_features(clip, frames[1:]) @ text).numpy()
+    return (frame_features(clip, frames[1:]) @ text_target(clip, tokenizer, prompts)).numpy()
 
 
 def pixel_reward(frames: np.ndarray, goal_frame: np.ndarray) -> np.ndarray:
