@@ -42,6 +42,8 @@ def test_every_args_field_is_a_cli_flag_with_help():
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "--task", "reach-v9"], "unknown task 'reach-v9'; Meta-World v3 tasks are: "),
+    (["collect", "--distraction", "glare"], "unknown distraction 'glare'; use 'none', 'all' or"),
+    (["collect", "--difficulty", "insane"], "unknown --difficulty 'insane'; choose one of: easy, medium, hard"),
     (["train", "--reward", "shaped"], "unknown reward mode 'shaped'; choose one of: gen, gen+dense, dense, sparse, clip-text"),
     (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of: tiny, paper"),
     (["collect", "--episodes", "0"], "--episodes must be positive"),
@@ -141,6 +143,69 @@ def test_corrupt_demo_cache_is_a_clear_error(tmp_path):
     path.write_bytes(b"not an npz file")
     with pytest.raises(vdr.VdrError, match="unreadable .*delete that file and run again"):
         vdr.collect_demos(args, progress=False)
+
+
+# ---- 2b. dm_control tasks with DCS distractions ----
+def dmc_frames(distraction="none", difficulty="hard", seed=5, steps=6, dynamic=False, task="cartpole-swingup", **kw):
+    """Frames and physics states of a fixed action sequence in one DCS env."""
+    with vdr.DMControl(task, 32, 0, distraction, difficulty, dynamic, **kw) as env:
+        obs, _ = env.reset(seed=seed)
+        frames, states = [env.render()], [env.physics.get_state().copy()]
+        for t in range(steps):
+            env.step(np.full(env.action_space.shape, np.sin(t), np.float32))
+            frames.append(env.render()); states.append(env.physics.get_state().copy())
+    return np.array(frames), np.array(states)
+
+
+@pytest.mark.parametrize("distraction", ["color", "camera", "background", "all"])
+def test_each_distraction_changes_frames_but_not_physics(distraction):
+    clean_frames, clean_states = dmc_frames()
+    frames, states = dmc_frames(distraction, dynamic=True)
+    assert frames.shape == clean_frames.shape == (7, 32, 32, 3) and frames.dtype == np.uint8
+    assert np.abs(frames.astype(int) - clean_frames).mean() > 2  # the picture changed...
+    assert np.array_equal(states, clean_states)  # ...the physics did not
+    again, _ = dmc_frames(distraction, dynamic=True)
+    assert np.array_equal(frames, again)  # same seed, same distracted frames
+    other, _ = dmc_frames(distraction, dynamic=True, seed=6)
+    assert not np.array_equal(frames[0], other[0])  # another seed, another draw
+
+
+def test_dynamic_distractions_drift_and_static_ones_do_not():
+    with vdr.DMControl("cartpole-swingup", 32, 0, "color", "hard", dynamic=False) as env:
+        env.reset(seed=5); before = env.physics.model.ptr.geom_rgba.copy()
+        env.step(np.zeros(1)); assert np.array_equal(env.physics.model.ptr.geom_rgba, before)
+    with vdr.DMControl("cartpole-swingup", 32, 0, "color", "hard", dynamic=True) as env:
+        env.reset(seed=5); before = env.physics.model.ptr.geom_rgba.copy()
+        env.step(np.zeros(1)); assert not np.array_equal(env.physics.model.ptr.geom_rgba, before)
+
+
+def test_dmc_tasks_step_and_report_the_task_reward():
+    for task in vdr.DMC_TASKS:
+        with vdr.DMControl(task, 32) as env:
+            obs, _ = env.reset(seed=0)
+            assert obs.shape == env.observation_space.shape and obs.dtype == np.float32
+            total, t = 0.0, 0
+            while True:
+                obs, r, terminated, truncated, info = env.step(env.action_space.sample())
+                total, t = total + r, t + 1
+                assert 0 <= r <= vdr.DMC_ACTION_REPEAT and "success" in info
+                if truncated:
+                    break
+            assert t == env.episode_length == 250 and env.render().std() > 5  # not a blank frame
+
+
+def test_background_folder_is_used_and_a_missing_one_is_a_clear_error(tmp_path):
+    from PIL import Image
+    for v in range(2):  # a DAVIS-like folder: one sub-folder of frames per video, each one solid colour
+        (tmp_path / f"video{v}").mkdir()
+        for t in range(3):
+            Image.fromarray(np.full((48, 64, 3), (255, 0, 255 * v), np.uint8)).save(tmp_path / f"video{v}" / f"{t:05d}.jpg")
+    frames, _ = dmc_frames("background", task="reacher-easy", background_dir=str(tmp_path))
+    assert (np.abs(frames[0].astype(int) - [255, 0, 0]).sum(-1) < 30).mean() > 0.2 or \
+        (np.abs(frames[0].astype(int) - [255, 0, 255]).sum(-1) < 30).mean() > 0.2  # the sky is the video
+    with pytest.raises(vdr.VdrError, match="background folder .* does not exist"):
+        vdr.DMControl("cartpole-swingup", 32, 0, "background", background_dir=str(tmp_path / "nope"))
+    assert vdr.main(["collect", "--task", "cartpole-swingup", "--distraction", "glare"]) == 2
 
 
 def test_collect_cli_writes_metrics_and_a_frame_strip(tmp_path):
@@ -642,6 +707,23 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_video_models
     with pytest.raises(vdr.VdrError, match="other settings"):
         torch.save({"args": {}}, tmp_path / "cut" / "checkpoint.pt")
         vdr.train(video_args(tmp_path, out=str(tmp_path / "cut"), resume=True, **settings), progress=False)
+
+
+def test_main_job_runs_the_pipeline_and_writes_the_report(tmp_path, tiny_video_models, video_cache, capsys):
+    argv = ["--steps", "240", "--learning-starts", "100", "--batch-size", "32", "--hidden", "32",
+            "--episode-length", "40", "--eval-every", "120", "--eval-episodes", "1", "--episodes", "2",
+            "--video-frames", "9", "--pretrain-episodes", "2", "--clip-steps", "2", "--vae-steps", "2",
+            "--dit-steps", "2", "--finetune-steps", "2", "--sample-steps", "2", "--fb-batch", "16",
+            "--fb-warmup", "3", "--cache-dir", video_cache, "--out", str(tmp_path / "run")]
+    assert vdr.main(argv) == 0  # flags with no command: the main job (`run`), on the generative reward
+    out = capsys.readouterr().out
+    assert "[gen reward]" in out and "whole pipeline" in out
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["reward"] == "gen" and metrics["env_steps"] == 240
+    assert set(metrics["report"]) == {"agent", "expert", "random"}
+    assert metrics["report"]["expert"]["success"] == 1.0 and "gen_return" in metrics["report"]["agent"]
+    for name in ("learning_curve.png", "rollout.gif", "goal_video.gif", "goal_frame.png", "reward_vs_time.png"):
+        assert (tmp_path / "run" / name).stat().st_size > 1000, name
 
 
 def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):

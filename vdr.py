@@ -25,7 +25,8 @@ the frame level (a forward-backward representation's estimate of reaching the go
 
 Sections of this file, in pipeline order (equation numbers E1-E6 are those of the method notes, README):
   1. Configuration      the Args dataclass, presets `tiny` (CPU, minutes) and `paper` (one CUDA GPU)
-  2. Environments       Meta-World v3: state for the agent, rendered frames for the reward; expert demos
+  2. Environments       Meta-World v3: state for the agent, rendered frames for the reward; expert demos;
+                        dm_control tasks with the Distracting Control Suite's distractions (2b)
   3. Video diffusion    E1: toy CogVideoX (3D causal VAE + I2V DiT) and a small CLIP, pretrained and
                         finetuned here; or the real CogVideoX-5B-I2V with LoRA; goal videos; eval-video
   4. Video reward       E2: cosine similarity of the agent's clip and the goal video in VAE latent space
@@ -34,16 +35,18 @@ Sections of this file, in pipeline order (equation numbers E1-E6 are those of th
   7. Total reward       E6: the standardised sum of both; baselines; eval-reward judges them all offline
   8. SAC                compact soft actor-critic in CleanRL's conventions [4]
   9. Training loop      reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation, reports, CLI
-Next to land: the RL benchmark across reward modes, the whole pipeline as the main job, and DCS.
+Next to land: the RL benchmark's full table; DCS experts and RL under distraction.
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
     [3] Haarnoja et al. "Soft Actor-Critic Algorithms and Applications", arXiv:1812.05905, 2018.
     [4] Huang et al. "CleanRL: High-quality Single-file Implementations of Deep RL Algorithms", JMLR 2022.
     [5] Touati & Ollivier. "Learning One Representation to Optimize All Rewards", NeurIPS 2021.
+    [6] Stone et al. "The Distracting Control Suite", arXiv:2101.02722, 2021.
+    [7] Tassa et al. "DeepMind Control Suite", arXiv:1801.00690, 2018.
 
 Usage:
-    python vdr.py                                   # the main job on the tiny preset (see README)
+    python vdr.py                                   # the main job: the whole pipeline on reach-v3, ~15 min
     python vdr.py collect --task reach-v3 --episodes 20 --out runs/collect
     python vdr.py pretrain                          # the toy video model, once (~10 min on 2 CPU cores)
     python vdr.py eval-video --task drawer-open-v3  # finetune, generate goal videos, score them
@@ -132,6 +135,10 @@ class Args:
     camera: str = arg("corner", "Meta-World camera the frames are rendered from (the paper's)")
     episode_length: int = arg(150, "env steps per episode (the scripted experts finish in ~45-90)")
     episodes: int = arg(20, "expert demo episodes to collect per task")
+    distraction: str = arg("none", "dm_control tasks: DCS distractions, 'none', 'all' or a subset of color,camera,background")
+    difficulty: str = arg("easy", "DCS difficulty: easy, medium, hard (scale 0.1, 0.2, 0.3)")
+    dynamic_distraction: bool = arg(False, "DCS: distractions drift within the episode (default: fixed per episode)")
+    background_dir: str = arg("", "DCS background videos: a folder of frame folders (DAVIS); empty: procedural")
     # --- pretrained models (sections 3-5); 'toy' = the embedded toy model trained here on the demos ---
     video_model: str = arg("toy", "video diffusion model: 'toy', or a diffusers repo id / local folder")
     clip_model: str = arg("toy", "CLIP model: 'toy', or an open_clip architecture name such as ViT-B-32")
@@ -244,6 +251,7 @@ def check_args(args: Args) -> None:
     for mode in args.bench_modes.split(","):
         if mode not in REWARD_MODES:
             raise VdrError(f"unknown reward mode {mode!r} in --bench-modes; choose from: {', '.join(REWARD_MODES)}")
+    check_distractions(args.distraction, args.difficulty)
     if args.video_clip not in VIDEO_CLIP_MODES:
         raise VdrError(f"unknown --video-clip {args.video_clip!r}; choose one of: {', '.join(VIDEO_CLIP_MODES)}")
     for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes", "fb_steps",
@@ -309,7 +317,11 @@ CACHE_VERSION = 1  # bump when a cached artefact's format or meaning changes, so
 
 def data_key(args: Args) -> dict:
     """The settings that make the data (frames, episodes) what it is: part of every trained model's key."""
-    return {"image_size": args.image_size, "camera": args.camera, "episode_length": args.episode_length}
+    key = {"image_size": args.image_size, "camera": args.camera, "episode_length": args.episode_length}
+    if args.distraction != "none":  # DCS frames (section 2b)
+        key |= {"distraction": args.distraction, "difficulty": args.difficulty,
+                "dynamic": args.dynamic_distraction, "background": args.background_dir}
+    return key
 
 
 def cache_path(args: Args, kind: str, suffix: str, **inputs) -> Path:
@@ -379,6 +391,12 @@ TASK_PROMPTS = {
     "pick-out-of-hole-v3": "the robot arm picks the peg out of the hole",
     "bin-picking-v3": "the robot arm moves the cube from one bin to the other",
     "shelf-place-v3": "the robot arm places the block on the shelf",
+    "cartpole-swingup": "the cart swings the pole up and balances it upright",
+    "reacher-easy": "the two-link arm moves its fingertip into the red target",
+    "finger-spin": "the finger flicks the hinged body so that it spins",
+    "cheetah-run": "the cheetah runs forward",
+    "walker-walk": "the walker walks forward upright",
+    "ball_in_cup-catch": "the cup swings the ball up and catches it",
 }
 
 
@@ -394,8 +412,9 @@ def meta_world_tasks() -> list[str]:
 
 def check_task(task: str) -> None:
     tasks = meta_world_tasks()
-    if task not in tasks:
-        raise VdrError(f"unknown task {task!r}; Meta-World v3 tasks are: {', '.join(tasks)}")
+    if task not in tasks and task not in DMC_TASKS:
+        raise VdrError(f"unknown task {task!r}; Meta-World v3 tasks are: {', '.join(tasks)}; "
+                       f"DeepMind Control tasks (section 2b): {', '.join(DMC_TASKS)}")
 
 
 class MetaWorld:
@@ -468,7 +487,236 @@ class MetaWorld:
         self.close()
 
 
-def make_env(args: Args) -> MetaWorld:
+# ---- 2b. the DeepMind Control Suite [7], with the Distracting Control Suite's distractions [6] ----
+# The same interface as MetaWorld: state for the agent (dm_control's observation dict, flattened), frames for
+# the reward, the task's own reward to evaluate. dm_control rewards lie in [0, 1] per control step; an
+# episode is the suite's 1000 control steps, played at action repeat DMC_ACTION_REPEAT (so 250 agent steps;
+# --episode-length is Meta-World's), and its return (at most 1000) is the number DCS papers report.
+# info["success"]: the step's reward is at least 0.9 (reacher and ball_in_cup pay exactly 1 in the target).
+#
+# DCS [6] adds three distractions to the frames, each at a difficulty scale s (easy 0.1, medium 0.2,
+# hard 0.3, as published), drawn at reset and, if dynamic, drifting within the episode:
+#   color       every material's and geom's RGB shifted by U(-s, s) per channel (dynamic: a random walk
+#               with step std 0.03 s, kept within s of the original);
+#   camera      the camera orbits its look-at point: azimuth and elevation by U(-pi/2 s, pi/2 s), roll by the
+#               same, distance scaled by U(1 - 0.5 s, 1 + 1.5 s) (dynamic: random-walk velocities, std 0.1 s,
+#               at most 0.4 s per step; roll std pi/300 s, at most pi/50 s); but for reacher, the camera stays
+#               above its original elevation ("upper quadrant"), so it never looks from under the floor;
+#   background  the sky replaced by a video (a folder of frames: DAVIS 2017, which DCS uses; by default a
+#               procedural moving pattern, since no dataset downloads here), and the floor made see-through
+#               (alpha 0.3; reacher 0; cheetah and walker keep it opaque), as DCS does. Videos per difficulty
+#               as in DCS: 4 / 8 / all (procedural: 16). Dynamic: the video plays, one frame per agent step.
+# DCS edits the camera in the model and uploads the video into the skybox texture; vdr does the same
+# things to the picture without touching the model: the camera is moved in the rendered scene (after
+# MuJoCo has placed it, so tracking cameras still track), and the background is composited where a
+# segmentation render shows sky (and, blended, floor). No distraction changes the physics.
+DMC_TASKS = ("cartpole-swingup", "reacher-easy", "finger-spin", "cheetah-run", "walker-walk", "ball_in_cup-catch")
+DMC_ACTION_REPEAT = 4  # the usual choice for these tasks at this budget (PlaNet, DrQ: 2-8)
+DIFFICULTY_SCALE = {"easy": 0.1, "medium": 0.2, "hard": 0.3}
+DISTRACTIONS = ("color", "camera", "background")
+BACKGROUND_VIDEOS = {"easy": 4, "medium": 8, "hard": None}  # None: every video in the folder
+PROCEDURAL_VIDEOS = 16  # the procedural background's "all"
+FLOOR_ALPHA = {"reacher": 0.0, "cheetah": 1.0, "walker": 1.0}  # DCS's ground-plane alpha; others 0.3
+
+
+def check_distractions(distraction: str, difficulty: str) -> tuple[str, ...]:
+    """'none' or a comma-separated subset of DISTRACTIONS ('all' = every one) -> the tuple of them."""
+    if difficulty not in DIFFICULTY_SCALE:
+        raise VdrError(f"unknown --difficulty {difficulty!r}; choose one of: {', '.join(DIFFICULTY_SCALE)}")
+    if distraction == "none":
+        return ()
+    names = DISTRACTIONS if distraction == "all" else tuple(distraction.split(","))
+    for name in names:
+        if name not in DISTRACTIONS:
+            raise VdrError(f"unknown distraction {name!r}; use 'none', 'all' or a comma-separated subset of: "
+                           f"{', '.join(DISTRACTIONS)}")
+    return names
+
+
+def rotate(v: np.ndarray, axis: np.ndarray, angle: float) -> np.ndarray:
+    """v (3,) rotated by `angle` radians about the unit vector `axis` (Rodrigues' formula)."""
+    return v * np.cos(angle) + np.cross(axis, v) * np.sin(angle) + axis * (axis @ v) * (1 - np.cos(angle))
+
+
+def load_backgrounds(folder: str, videos: int | None, size: int) -> list[np.ndarray]:
+    """The first `videos` videos (all if None) of a folder of videos, each a sub-folder of frames (as
+    DAVIS's JPEGImages/480p/<video>/00000.jpg), or a single folder of frames: [(T, size, size, 3) uint8]."""
+    from PIL import Image
+    root = Path(folder)
+    if not root.is_dir():
+        raise VdrError(f"background folder {folder} does not exist; give a folder of videos (e.g. DAVIS 2017 "
+                       "JPEGImages/480p) or leave --background-dir empty for the procedural background")
+    images = (".jpg", ".jpeg", ".png")
+    dirs = sorted(d for d in root.iterdir() if d.is_dir()) or [root]
+    out = []
+    for d in dirs[:videos]:
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in images)
+        if files:
+            out.append(np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR))
+                                 for f in files]))
+    if not out:
+        raise VdrError(f"no .jpg/.png frames found in {folder} or its sub-folders")
+    return out
+
+
+def procedural_background(index: int, size: int, t: int) -> np.ndarray:
+    """Frame t of procedural background video `index`: three coloured sinusoidal gratings drifting in their
+    own directions, with the video's own colours and speeds. (size, size, 3) uint8."""
+    g = np.random.default_rng(index)  # the video's fixed parameters
+    y, x = np.mgrid[0:size, 0:size] / size  # (size, size) each, in [0, 1)
+    img = np.zeros((size, size, 3))
+    for _ in range(3):
+        angle, freq, speed, phase = g.uniform(0, 2 * np.pi), g.uniform(2, 6), g.uniform(0.05, 0.2), g.uniform(0, 2 * np.pi)
+        wave = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)) + speed * t + phase)
+        img += wave[..., None] * g.uniform(0, 1, 3)  # (size, size, 1) * (3,) colour
+    return (255 * img / img.max()).astype(np.uint8)
+
+
+class DMControl:
+    """A dm_control suite task behind the MetaWorld interface, with DCS distractions on its frames.
+
+    obs: (obs_dim,) float32, dm_control's observations flattened.  action: (act_dim,) float32 in [-1, 1].
+    info["success"]: 1.0 when the step's reward is >= 0.9.  render(): (H, W, 3) uint8, distracted."""
+
+    def __init__(self, task: str, image_size: int = 64, camera: int = 0, distraction: str = "none",
+                 difficulty: str = "easy", dynamic: bool = False, background_dir: str = ""):
+        import gymnasium
+        import mujoco
+        from dm_control import suite
+
+        self.task, self.domain, self.camera, self.image_size = task, task.split("-")[0], camera, image_size
+        self.env = suite.load(self.domain, task.split("-")[1])
+        self.physics, self.episode_length, self.t = self.env.physics, 1000 // DMC_ACTION_REPEAT, 0
+        obs_dim = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
+        spec = self.env.action_spec()
+        assert np.all(spec.minimum == -1) and np.all(spec.maximum == 1)
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, spec.shape, np.float32)
+        model = self.physics.model.ptr
+        model.vis.quality.offsamples = 0  # as for Meta-World: no multisampling, no shadows, no reflections
+        self.renderer = mujoco.Renderer(model, image_size, image_size)
+        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+
+        self.distractions = check_distractions(distraction, difficulty)
+        self.scale, self.dynamic = DIFFICULTY_SCALE[difficulty], dynamic
+        self.rgba0 = {"mat_rgba": model.mat_rgba.copy(), "geom_rgba": model.geom_rgba.copy()}  # the originals
+        if "background" in self.distractions:
+            videos = BACKGROUND_VIDEOS[difficulty]
+            self.backgrounds = (load_backgrounds(background_dir, videos, image_size) if background_dir else
+                                [[procedural_background(i, image_size, t) for t in range(self.episode_length + 1)]
+                                 for i in range(videos or PROCEDURAL_VIDEOS)])
+            self.floor = [i for i in range(model.ngeom) if model.geom_type[i] == mujoco.mjtGeom.mjGEOM_PLANE]
+            self.floor_alpha = FLOOR_ALPHA.get(self.domain, 0.3)
+        self.rng = np.random.default_rng(0)
+
+    def obs(self, time_step) -> np.ndarray:
+        return np.concatenate([np.ravel(v) for v in time_step.observation.values()]).astype(np.float32)
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        if seed is not None:  # dm_control draws initial states from its task's RandomState
+            self.env.task.random.seed(seed)
+            self.rng = np.random.default_rng([seed, 1])  # the distractions' own stream: same seed, same frames
+        time_step = self.env.reset()
+        self.t = 0
+        s = self.scale
+        if "color" in self.distractions:
+            self.color = {k: self.rng.uniform(-s, s, v[:, :3].shape) for k, v in self.rgba0.items()}
+            self.set_colors()
+        if "camera" in self.distractions:  # azimuth, elevation, roll (radians), distance factor
+            low = np.array([-np.pi / 2 * s, -np.pi / 2 * s, -np.pi / 2 * s, 1 - 0.5 * s])
+            high = np.array([np.pi / 2 * s, np.pi / 2 * s, np.pi / 2 * s, 1 + 1.5 * s])
+            if self.domain != "reacher":
+                low[1] = 0.0  # DCS's "upper quadrant": never below the original elevation
+            self.cam_bounds, self.cam, self.cam_vel = (low, high), self.rng.uniform(low, high), np.zeros(4)
+        if "background" in self.distractions:
+            self.video = self.backgrounds[self.rng.integers(len(self.backgrounds))]
+            self.frame0 = int(self.rng.integers(len(self.video)))
+        return self.obs(time_step), {}
+
+    def step(self, action: np.ndarray):
+        reward = 0.0
+        for _ in range(DMC_ACTION_REPEAT):
+            time_step = self.env.step(np.asarray(action, dtype=np.float64))
+            reward += time_step.reward or 0.0
+        self.t += 1
+        if self.dynamic:
+            self.drift()
+        truncated = time_step.last()
+        return self.obs(time_step), reward, False, truncated, {"success": float(reward >= 0.9 * DMC_ACTION_REPEAT)}
+
+    def drift(self) -> None:
+        """One step of the dynamic distractions' random walks."""
+        s = self.scale
+        if "color" in self.distractions:
+            for k in self.color:
+                self.color[k] = np.clip(self.color[k] + self.rng.normal(0, 0.03 * s, self.color[k].shape), -s, s)
+            self.set_colors()
+        if "camera" in self.distractions:
+            std, vmax = np.array([0.1 * s, 0.1 * s, np.pi / 300 * s, 0.1 * s]), np.array([0.4 * s, 0.4 * s, np.pi / 50 * s, 0.4 * s])
+            self.cam_vel = np.clip(self.cam_vel + self.rng.normal(0, std), -vmax, vmax)
+            low, high = self.cam_bounds
+            self.cam = self.cam + self.cam_vel
+            bounced = (self.cam < low) | (self.cam > high)  # reflect off the bounds
+            self.cam = np.clip(self.cam, low, high)
+            self.cam_vel[bounced] *= -1
+
+    def set_colors(self) -> None:
+        model = self.physics.model.ptr
+        for k, rgba0 in self.rgba0.items():
+            getattr(model, k)[:, :3] = np.clip(rgba0[:, :3] + self.color[k], 0, 1)
+
+    def render(self) -> np.ndarray:
+        import mujoco
+        self.renderer.update_scene(self.physics.data.ptr, camera=self.camera)
+        if "camera" in self.distractions:
+            self.move_camera()
+        frame = self.renderer.render()  # (H, W, 3) uint8
+        if "background" in self.distractions:
+            self.renderer.enable_segmentation_rendering()
+            seg = self.renderer.render()  # (H, W, 2): object id (-1 where nothing is hit: the sky), type
+            self.renderer.disable_segmentation_rendering()
+            t = self.t if self.dynamic else 0
+            bg = self.video[(self.frame0 + t) % len(self.video)].astype(np.float32)  # (H, W, 3)
+            floor = np.isin(seg[..., 0], self.floor) & (seg[..., 1] == mujoco.mjtObj.mjOBJ_GEOM)
+            alpha = np.where(seg[..., 0] == -1, 0.0, np.where(floor, self.floor_alpha, 1.0))[..., None]  # (H, W, 1)
+            frame = (alpha * frame + (1 - alpha) * bg).round().astype(np.uint8)
+        return frame
+
+    def move_camera(self) -> None:
+        """Orbit the scene's camera about its look-at point: the point on its view axis level with the body
+        it is attached to (or tracks)."""
+        azimuth, elevation, roll, zoom = self.cam
+        data, model = self.physics.data.ptr, self.physics.model.ptr
+        for gl in self.renderer.scene.camera:  # the two eyes of MuJoCo's stereo pair, identical in mono
+            pos, fwd, up = np.array(gl.pos), np.array(gl.forward), np.array(gl.up)
+            target = data.xpos[model.cam_bodyid[self.camera]]
+            lookat = pos + fwd * max(float((target - pos) @ fwd), 0.5)  # 0.5 m: never behind or at the lens
+            right = np.cross(fwd, up)
+            # raise by `elevation` about the camera's right axis (a negative angle lifts the lens), then swing
+            offset, up, fwd = (rotate(v, right, -elevation) for v in (pos - lookat, up, fwd))
+            z = np.array([0.0, 0.0, 1.0])
+            offset, up, fwd = (rotate(v, z, azimuth) for v in (offset, up, fwd))  # ... around the vertical
+            gl.pos[:] = lookat + zoom * offset
+            gl.forward[:] = fwd
+            gl.up[:] = rotate(up, fwd, roll)
+
+    def close(self) -> None:
+        self.renderer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def make_env(args: Args):
+    """The task's environment: a MetaWorld, or a DMControl for the DMC_TASKS (with args' distractions)."""
+    if args.task in DMC_TASKS:
+        camera = 0 if args.camera == "corner" else int(args.camera)  # 'corner' is Meta-World's; DCS renders camera 0
+        return DMControl(args.task, args.image_size, camera, args.distraction, args.difficulty,
+                         args.dynamic_distraction, args.background_dir)
     return MetaWorld(args.task, args.image_size, args.camera, args.episode_length)
 
 
@@ -2332,6 +2580,9 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
         logger.close()
 
     atomic_write(out / "agent.pt", lambda tmp: torch.save(agent.state_dict(), tmp))
+    if rewards.reward is not None:  # the generative reward as trained (FB) and frozen (E6's exploring data)
+        atomic_write(out / "reward.pt", lambda tmp: torch.save(
+            {"fb": rewards.fb.state_dict(), "reward": rewards.reward.state_dict()}, tmp))
     metrics = {"task": args.task, "reward": args.reward, "seed": args.seed,
                "eval_success": curve[-1]["eval/success"], "eval_return": curve[-1]["eval/return"],
                "env_steps": args.steps, "steps_per_second": args.steps / (wall - eval_time),
@@ -2378,15 +2629,90 @@ def collect(args: Args, out: Path | None = None) -> dict:
     return metrics
 
 
+# The main job's budget: what `python vdr.py` (the `run` command, tiny preset) changes from the tiny
+# defaults so that the whole pipeline fits ~15 min on 2 CPU cores. The toy video model trains at about
+# half the budget of `pretrain`/`finetune` (its own cache keys; eval-video and eval-reward use the full
+# one), and SAC gets 15k steps, enough to watch the generative reward start to work, not to solve the
+# task (README: results). Any flag given on the command line overrides these.
+RUN_BUDGET = dict(reward="gen", steps=15_000, pretrain_episodes=8, clip_steps=200, vae_steps=200, dit_steps=600,
+                  finetune_steps=400, sample_steps=20)
+
+
 def run(args: Args, out: Path | None = None) -> dict:
-    """The main job (`python vdr.py`): demos for the task, then SAC, then a report folder."""
+    """The main job (`python vdr.py`): the whole pipeline on one task, each stage cached: expert demos, the
+    video model (pretrain, finetune), SAC trained on the chosen reward (gen: E6, with FB online), and a
+    report folder (learning curve, goal video and goal frame, rewards over time, the agent's rollout)."""
+    t0 = time.time()
     out = Path(out or default_out(args, "run"))
     collect(args, out / "demos")
+    if args.reward in (*GEN_MODES, "clip-text"):
+        load_video_model(args)  # pretrain + finetune (cached), so the train bar below is SAC's alone
     metrics = train(args, out)
+    metrics |= report(args, out)
+    metrics["pipeline_seconds"] = time.time() - t0
+    write_json(out / "metrics.json", metrics)
     print(f"\n{args.task} [{args.reward} reward]: eval success {metrics['eval_success']:.2f}, "
           f"eval return {metrics['eval_return']:.0f} after {metrics['env_steps']} env steps "
-          f"({metrics['steps_per_second']:.0f} steps/s, {metrics['wall_seconds'] / 60:.1f} min) -> {out}")
+          f"({metrics['steps_per_second']:.0f} steps/s); whole pipeline {metrics['pipeline_seconds'] / 60:.1f} min")
+    for name, m in metrics.get("report", {}).items():
+        print(f"  {name:8s} episode from held-out state {EVAL_SEED0}: success {m['success']:.0f}, env return "
+              f"{m['env_return']:.0f}" + (f", generative return {m['gen_return']:+.0f}" if "gen_return" in m else ""))
+    print(f"report -> {out}: learning_curve.png, rollout.gif" +
+          (", goal_video.gif, goal_frame.png, reward_vs_time.png" if args.reward in GEN_MODES else "") +
+          ", metrics.json")
     return metrics
+
+
+@torch.no_grad()
+def report(args: Args, out: Path) -> dict:
+    """The trained agent, the scripted expert and a random policy from one held-out initial state: the
+    agent's rollout GIF and, in the generative modes, the goal video generated from that state, E3's goal
+    frame, and each episode's r_video, r_fb and E6 over time against that goal. -> {"report": {...}}."""
+    with make_env(args) as env:
+        obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
+        agent = SAC(obs_dim, act_dim, args)
+        agent.load_state_dict(load_checkpoint(out / "agent.pt"))
+        policies = {"agent": lambda o: agent.act(o, deterministic=True),
+                    "expert": behaviour_policy(env, args.task, "expert", EVAL_SEED0),
+                    "random": behaviour_policy(env, args.task, "random", EVAL_SEED0)}
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "Constant", UserWarning)  # the expert's gains clip at 1, harmlessly
+            episodes = {name: rollout(env, policy, EVAL_SEED0) for name, policy in policies.items()}
+    save_gif(np.repeat(np.repeat(episodes["agent"]["frames"][::2], 2, axis=1), 2, axis=2),  # 2x upscaled
+             out / "rollout.gif", fps=16)  # every other env step, 16 fps: a 150-step episode plays in ~5 s
+    result = {name: {"success": float(ep["success"].any()), "env_return": float(ep["env_rewards"].sum())}
+              for name, ep in episodes.items()}
+    if args.reward in GEN_MODES:
+        model, saved = load_video_model(args), load_checkpoint(out / "reward.pt")
+        fb = FB(obs_dim, act_dim, saved["fb"]["B.net.0.weight"].shape[1], seed=args.seed)  # psi's width
+        fb.load_state_dict(saved["fb"])
+        reward = GenerativeReward(args, model.vae, model.clip, model.tokenizer, fb, state=saved["reward"])
+        goal = reward.goal(generate_video(model, episodes["agent"]["frames"][0], task_prompt(args.task),
+                                          args.video_frames, seed=args.seed, steps=args.sample_steps))
+        save_gif(np.repeat(np.repeat(goal.video, 2, axis=1), 2, axis=2), out / "goal_video.gif")
+        plot_goal_frames([goal], out / "goal_frame.png")
+        curves = {}
+        for name, ep in episodes.items():
+            terms = reward.terms(ep, goal)
+            curves[name] = terms | {"E6": reward.combine(terms, goal)}
+            result[name]["gen_return"] = float(curves[name]["E6"].sum())
+        plot_reward_vs_time(curves, out / "reward_vs_time.png", args.task)
+    return {"report": result}
+
+
+def plot_reward_vs_time(curves: dict[str, dict[str, np.ndarray]], path: Path, task: str) -> Path:
+    """One panel per reward term (r_video, r_fb, E6), one line per episode."""
+    from matplotlib.figure import Figure
+    names = list(next(iter(curves.values())))
+    fig = Figure(figsize=(4 * len(names), 3))
+    for ax, term in zip(fig.subplots(1, len(names)), names):
+        for episode, terms in curves.items():
+            ax.plot(np.arange(1, len(terms[term]) + 1), terms[term], label=episode)
+        ax.set(title=term, xlabel="env step t")
+    ax.legend(fontsize=8)
+    fig.suptitle(f"{task}: rewards against the goal video generated from the episode's first frame")
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
 
 
 # ---- the benchmark: tasks x reward modes x seeds, in parallel processes, resumable ----
@@ -2478,7 +2804,7 @@ def plot_bench_curves(rows: list[dict], modes: list[str], path: Path, task: str)
 
 
 COMMANDS = {
-    "run": (run, "the main job: demos, then SAC on the task, then a report (the default command)"),
+    "run": (run, "the main job: the whole pipeline on one task, ending in a report folder (the default)"),
     "collect": (collect, "collect and cache scripted-expert demos of a task; print the success rate"),
     "pretrain": (pretrain, "train the toy video model (CLIP, VAE, DiT) on expert videos of several tasks"),
     "finetune": (finetune, "finetune the video model on the task's expert videos (toy: whole DiT; paper: LoRA)"),
@@ -2510,8 +2836,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0].startswith("--") and argv[0] != "--help":  # `vdr.py --steps 5000` runs the main job
+        argv = ["run", *argv]
     parsed = vars(build_parser().parse_args(argv))
     command = parsed.pop("command") or "run"
+    if command == "run" and parsed.get("preset", "tiny") == "tiny":
+        parsed = {**RUN_BUDGET, **parsed}  # the main job's budget, under any flag given
     try:
         args = make_args(**parsed)
         print(f"vdr {command}: preset={args.preset} task={args.task} seed={args.seed} device={args.device} "
