@@ -208,6 +208,19 @@ def test_background_folder_is_used_and_a_missing_one_is_a_clear_error(tmp_path):
     assert vdr.main(["collect", "--task", "cartpole-swingup", "--distraction", "glare"]) == 2
 
 
+def test_dmc_expert_is_a_cached_sac_and_its_demos_are_distracted(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(vdr, "DMC_EXPERT_STEPS", 300)  # a smoke run: trains past learning_starts, then caches
+    args = tiny_args(tmp_path, task="reacher-easy", distraction="background,color", difficulty="medium", episodes=2)
+    demos = vdr.collect_demos(args, progress=False)
+    assert demos["frames"].shape == (2, 251, 64, 64, 3) and demos["states"].shape[1] == 251
+    (expert,) = (tmp_path / "cache" / "expert").glob("*.pt")
+    assert "training a SAC expert" in capsys.readouterr().out
+    clean = vdr.collect_demos(vdr.dataclasses.replace(args, distraction="none"), progress=False)
+    assert "training a SAC expert" not in capsys.readouterr().out  # one expert for every distraction setting
+    assert np.array_equal(clean["states"], demos["states"])  # the same expert, the same physics...
+    assert not np.array_equal(clean["frames"], demos["frames"])  # ...seen through the distractions
+
+
 def test_collect_cli_writes_metrics_and_a_frame_strip(tmp_path):
     args = tiny_args(tmp_path, episode_length=100, episodes=2)
     assert vdr.main(["collect", "--episodes", "2", "--episode-length", "100", "--cache-dir", args.cache_dir,
@@ -775,6 +788,8 @@ def test_every_readme_command_is_one_the_cli_accepts():
     parser = vdr.build_parser()
     for argv in commands:
         tokens = [t for t in shlex.split(argv) if t != "--help"]  # --help would print and exit
+        if tokens and tokens[0].startswith("--"):  # flags with no command: the main job, as vdr.main reads them
+            tokens = ["run", *tokens]
         ns = parser.parse_args(tokens)  # an unknown command or flag exits with an error
         fields = {k: v for k, v in vars(ns).items() if k != "command"}
         vdr.make_args(**{**fields, "device": "cpu"})  # the values pass validation (no GPU here)

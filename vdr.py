@@ -48,6 +48,7 @@ Other references:
 Usage:
     python vdr.py                                   # the main job: the whole pipeline on reach-v3, ~15 min
     python vdr.py collect --task reach-v3 --episodes 20 --out runs/collect
+    python vdr.py distractions                      # dm_control tasks under the DCS distractions (a PNG grid)
     python vdr.py pretrain                          # the toy video model, once (~10 min on 2 CPU cores)
     python vdr.py eval-video --task drawer-open-v3  # finetune, generate goal videos, score them
     python vdr.py eval-reward --task drawer-open-v3 # every reward on held-out episodes, before any RL
@@ -286,6 +287,8 @@ def atomic_write(path: Path, write) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # what open() would have given (mkstemp makes it private: 0600)
         os.replace(tmp, path)  # atomic on POSIX within one filesystem
     finally:
         if os.path.exists(tmp):
@@ -559,17 +562,26 @@ def load_backgrounds(folder: str, videos: int | None, size: int) -> list[np.ndar
     return out
 
 
-def procedural_background(index: int, size: int, t: int) -> np.ndarray:
-    """Frame t of procedural background video `index`: three coloured sinusoidal gratings drifting in their
-    own directions, with the video's own colours and speeds. (size, size, 3) uint8."""
-    g = np.random.default_rng(index)  # the video's fixed parameters
-    y, x = np.mgrid[0:size, 0:size] / size  # (size, size) each, in [0, 1)
-    img = np.zeros((size, size, 3))
-    for _ in range(3):
-        angle, freq, speed, phase = g.uniform(0, 2 * np.pi), g.uniform(2, 6), g.uniform(0.05, 0.2), g.uniform(0, 2 * np.pi)
-        wave = 0.5 + 0.5 * np.sin(2 * np.pi * freq * (x * np.cos(angle) + y * np.sin(angle)) + speed * t + phase)
-        img += wave[..., None] * g.uniform(0, 1, 3)  # (size, size, 1) * (3,) colour
-    return (255 * img / img.max()).astype(np.uint8)
+class ProceduralVideo:
+    """The default background video number `index`: three coloured sinusoidal gratings drifting in their own
+    directions, with the video's own colours and speeds. video[t] -> (size, size, 3) uint8, made on demand."""
+
+    def __init__(self, index: int, size: int, length: int = 1000):
+        g = np.random.default_rng(index)  # the video's fixed parameters
+        self.waves = [(g.uniform(0, 2 * np.pi), g.uniform(2, 6), g.uniform(0.05, 0.2), g.uniform(0, 2 * np.pi),
+                       g.uniform(0, 1, 3)) for _ in range(3)]  # angle, frequency, speed, phase, colour
+        self.y, self.x = np.mgrid[0:size, 0:size] / size  # (size, size) each, in [0, 1)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        img = 0.0
+        for angle, freq, speed, phase, colour in self.waves:
+            along = self.x * np.cos(angle) + self.y * np.sin(angle)  # (size, size)
+            img = img + (0.5 + 0.5 * np.sin(2 * np.pi * freq * along + speed * t + phase))[..., None] * colour
+        return (255 * img / img.max()).astype(np.uint8)  # (size, size, 3)
 
 
 class DMControl:
@@ -604,8 +616,7 @@ class DMControl:
         if "background" in self.distractions:
             videos = BACKGROUND_VIDEOS[difficulty]
             self.backgrounds = (load_backgrounds(background_dir, videos, image_size) if background_dir else
-                                [[procedural_background(i, image_size, t) for t in range(self.episode_length + 1)]
-                                 for i in range(videos or PROCEDURAL_VIDEOS)])
+                                [ProceduralVideo(i, image_size) for i in range(videos or PROCEDURAL_VIDEOS)])
             self.floor = [i for i in range(model.ngeom) if model.geom_type[i] == mujoco.mjtGeom.mjGEOM_PLANE]
             self.floor_alpha = FLOOR_ALPHA.get(self.domain, 0.3)
         self.rng = np.random.default_rng(0)
@@ -711,6 +722,34 @@ class DMControl:
         self.close()
 
 
+def distractions(args: Args, out: Path | None = None) -> dict:
+    """CLI `distractions`: one frame of every DMC task (rows) under each distraction at none / easy / medium /
+    hard (columns), the same state in each row (20 zero-action steps from seed args.seed): distractions.png."""
+    from PIL import Image
+    out = Path(out or Path("runs") / "distractions")
+    rows = []
+    for task in DMC_TASKS:
+        row = []
+        for distraction in DISTRACTIONS:
+            for difficulty in ("none", *DIFFICULTY_SCALE):
+                with DMControl(task, args.image_size, 0, "none" if difficulty == "none" else distraction,
+                               "easy" if difficulty == "none" else difficulty, background_dir=args.background_dir) as env:
+                    env.reset(seed=args.seed)
+                    for _ in range(20):
+                        env.step(np.zeros(env.action_space.shape, np.float32))
+                    row.append(env.render())
+        rows.append(np.concatenate(row, axis=1))  # (H, 12 W, 3)
+    grid = Image.fromarray(np.concatenate(rows, axis=0))  # (6 H, 12 W, 3)
+    atomic_write(out / "distractions.png", lambda tmp: grid.resize((grid.width * 2, grid.height * 2),
+                                                                    Image.NEAREST).save(tmp, format="PNG"))
+    metrics = {"tasks": list(DMC_TASKS), "columns": [f"{d}:{lvl}" for d in DISTRACTIONS
+                                                     for lvl in ("none", *DIFFICULTY_SCALE)]}
+    write_json(out / "metrics.json", metrics)
+    print(f"distraction grid: {len(DMC_TASKS)} tasks x (none, easy, medium, hard) x {', '.join(DISTRACTIONS)} "
+          f"-> {out / 'distractions.png'}")
+    return metrics
+
+
 def make_env(args: Args):
     """The task's environment: a MetaWorld, or a DMControl for the DMC_TASKS (with args' distractions)."""
     if args.task in DMC_TASKS:
@@ -720,8 +759,11 @@ def make_env(args: Args):
     return MetaWorld(args.task, args.image_size, args.camera, args.episode_length)
 
 
-def expert_policy(task: str):
-    """Meta-World's scripted expert for a task: `policy.get_action(obs) -> (4,) action`."""
+def expert_policy(task: str, args: Args | None = None):
+    """The task's expert: `policy.get_action(obs) -> action`. Meta-World: its scripted policy. dm_control has
+    none: a state-based SAC trained on the task's own reward stands in (section 9, `dmc_expert`; needs args)."""
+    if task in DMC_TASKS:
+        return dmc_expert(dataclasses.replace(args, task=task))
     from metaworld.policies import ENV_POLICY_MAP
     if task not in ENV_POLICY_MAP:
         raise VdrError(f"Meta-World has no scripted expert for {task!r}")
@@ -769,7 +811,7 @@ STOP_FRACTION = 1 / 3  # "stopped": the expert acts for this fraction of its tim
                        # ~1 px at 64 px; at 1/3, 12 cm (button, drawer: 30 cm) (measured, 5 states)
 
 
-def behaviour_policy(env: MetaWorld, task: str, behaviour: str, seed: int):
+def behaviour_policy(env: MetaWorld, task: str, behaviour: str, seed: int, args: Args | None = None):
     """policy(obs) -> action for one episode from initial state `seed`:
     expert   Meta-World's scripted expert;
     noisy    the expert with N(0, NOISE_STD^2) added to each action;
@@ -778,9 +820,10 @@ def behaviour_policy(env: MetaWorld, task: str, behaviour: str, seed: int):
     random   uniform random actions (an untrained agent, exploring)."""
     if behaviour not in BEHAVIOURS:
         raise VdrError(f"unknown behaviour {behaviour!r}; choose one of: {', '.join(BEHAVIOURS)}")
-    rng, expert = np.random.default_rng(seed), expert_policy(task)
+    rng = np.random.default_rng(seed)
     if behaviour == "random":
         return lambda obs: rng.uniform(-1, 1, env.action_space.shape[0])
+    expert = expert_policy(task, args)
     if behaviour == "noisy":
         return lambda obs: expert.get_action(obs) + rng.normal(0, NOISE_STD, env.action_space.shape[0])
     if behaviour == "stopped":
@@ -810,9 +853,8 @@ def collect_demos(args: Args, task: str | None = None, episodes: int | None = No
     from tqdm import tqdm
 
     task, episodes = task or args.task, episodes or args.episodes
-    path = cache_path(args, "demos", ".npz", task=task, episodes=episodes, image_size=args.image_size,
-                      camera=args.camera, episode_length=args.episode_length, seed0=seed0, frames=frames,
-                      behaviour=(behaviour, NOISE_STD, STOP_FRACTION))
+    path = cache_path(args, "demos", ".npz", task=task, episodes=episodes, seed0=seed0, frames=frames,
+                      behaviour=(behaviour, NOISE_STD, STOP_FRACTION), **data_key(args))
     if path.exists():
         try:
             with np.load(path) as data:
@@ -821,11 +863,11 @@ def collect_demos(args: Args, task: str | None = None, episodes: int | None = No
             raise VdrError(f"cached demos {path} are unreadable ({type(err).__name__}); "
                            "delete that file and run again") from None
     runs = []
-    with MetaWorld(task, args.image_size, args.camera, args.episode_length) as env, warnings.catch_warnings():
+    with make_env(dataclasses.replace(args, task=task)) as env, warnings.catch_warnings():
         warnings.filterwarnings("ignore", "Constant", UserWarning)  # the experts' gains clip at 1, harmlessly
         bar = tqdm(range(episodes), desc=f"collect {task} [{behaviour}]", disable=not progress)
         for i in bar:
-            policy = behaviour_policy(env, task, behaviour, seed0 + i)
+            policy = behaviour_policy(env, task, behaviour, seed0 + i, args)
             runs.append(rollout(env, policy, seed=seed0 + i, frames=frames))
             bar.set_postfix(success=f"{np.mean([e['success'].any() for e in runs]):.2f}")
     demos = {k: np.stack([e[k] for e in runs]) for k in runs[0]}
@@ -2594,6 +2636,38 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     return metrics
 
 
+DMC_EXPERT_STEPS = 50_000  # SAC steps (agent steps, action repeat 4) for a dm_control expert: see README
+
+
+class Expert:
+    """A trained SAC actor as a scripted-expert stand-in: get_action(obs) -> its deterministic action."""
+
+    def __init__(self, agent: "SAC"):
+        self.agent = agent
+
+    def get_action(self, obs: np.ndarray) -> np.ndarray:
+        return self.agent.act(obs, deterministic=True)
+
+
+def dmc_expert(args: Args) -> Expert:
+    """dm_control's stand-in for a scripted expert: SAC trained DMC_EXPERT_STEPS on the task's own (dense)
+    reward from state, cached. The agent sees state, so the distractions (frames only) do not matter to it:
+    one expert serves every distraction setting, and its episodes are rendered with the distractions on."""
+    expert_args = dataclasses.replace(args, reward="dense", steps=DMC_EXPERT_STEPS, distraction="none", seed=0,
+                                      resume=True)
+    path = cache_path(args, "expert", ".pt", task=args.task, steps=DMC_EXPERT_STEPS, hidden=args.hidden,
+                      lr=(args.q_lr, args.policy_lr), repeat=DMC_ACTION_REPEAT)
+    if not path.exists():  # trained in a folder next to the cache file: an interrupted run resumes
+        print(f"training a SAC expert for {args.task} on its own reward ({DMC_EXPERT_STEPS} steps, cached)")
+        metrics = train(expert_args, path.with_suffix(".run"))
+        print(f"{args.task} expert: eval return {metrics['eval_return']:.0f} (of at most 1000)")
+        atomic_write(path, lambda tmp: torch.save(load_checkpoint(path.with_suffix(".run") / "agent.pt"), tmp))
+    with make_env(expert_args) as env:
+        agent = SAC(env.observation_space.shape[0], env.action_space.shape[0], expert_args)
+    agent.load_state_dict(load_checkpoint(path))
+    return Expert(agent)
+
+
 def plot_learning_curve(curve: list[dict], path: Path, title: str) -> Path:
     """Two panels, eval success and eval return against env steps, saved as a PNG."""
     # A bare Figure, not pyplot: draws to a file without touching the session's backend (a notebook's
@@ -2620,12 +2694,13 @@ def collect(args: Args, out: Path | None = None) -> dict:
     first = [int(np.argmax(s)) + 1 if s.any() else None for s in demos["success"]]
     metrics = {"task": args.task, "prompt": demos["prompt"], "episodes": int(len(success)),
                "success_rate": float(success.mean()),
-               "mean_steps_to_success": float(np.mean([f for f in first if f is not None] or [np.nan]))}
+               "mean_steps_to_success": float(np.mean([f for f in first if f is not None] or [np.nan])),
+               "mean_return": float(demos["env_rewards"].sum(1).mean())}  # dm_control's measure of an expert
     save_frame_strip(demos["frames"][0], out / "demo_strip.png")
     write_json(out / "metrics.json", metrics)
     print(f"{args.task}: expert success {metrics['success_rate']:.2f} over {len(success)} episodes "
-          f"(first success after {metrics['mean_steps_to_success']:.0f} steps on average); "
-          f"frames {demos['frames'].shape[1:]} -> {out}")
+          f"(first success after {metrics['mean_steps_to_success']:.0f} steps on average; return "
+          f"{metrics['mean_return']:.0f}); frames {demos['frames'].shape[1:]} -> {out}")
     return metrics
 
 
@@ -2673,8 +2748,8 @@ def report(args: Args, out: Path) -> dict:
         agent = SAC(obs_dim, act_dim, args)
         agent.load_state_dict(load_checkpoint(out / "agent.pt"))
         policies = {"agent": lambda o: agent.act(o, deterministic=True),
-                    "expert": behaviour_policy(env, args.task, "expert", EVAL_SEED0),
-                    "random": behaviour_policy(env, args.task, "random", EVAL_SEED0)}
+                    "expert": behaviour_policy(env, args.task, "expert", EVAL_SEED0, args),
+                    "random": behaviour_policy(env, args.task, "random", EVAL_SEED0, args)}
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", "Constant", UserWarning)  # the expert's gains clip at 1, harmlessly
             episodes = {name: rollout(env, policy, EVAL_SEED0) for name, policy in policies.items()}
@@ -2805,6 +2880,7 @@ def plot_bench_curves(rows: list[dict], modes: list[str], path: Path, task: str)
 
 COMMANDS = {
     "run": (run, "the main job: the whole pipeline on one task, ending in a report folder (the default)"),
+    "distractions": (distractions, "a grid of frames of every dm_control task under each DCS distraction and difficulty"),
     "collect": (collect, "collect and cache scripted-expert demos of a task; print the success rate"),
     "pretrain": (pretrain, "train the toy video model (CLIP, VAE, DiT) on expert videos of several tasks"),
     "finetune": (finetune, "finetune the video model on the task's expert videos (toy: whole DiT; paper: LoRA)"),
