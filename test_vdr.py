@@ -346,6 +346,19 @@ def test_pretrain_finetune_goal_pipeline_is_cached_and_deterministic(tmp_path, t
     assert metrics["frames"] == 9 and (tmp_path / "goal" / "goal.gif").exists()
 
 
+def test_finetune_on_a_new_domain_continues_clip_and_vae_too(tmp_path, tiny_video_models, video_cache, monkeypatch):
+    monkeypatch.setattr(vdr, "DMC_EXPERT_STEPS", 150)
+    args = video_args(tmp_path, cache_dir=video_cache, task="cartpole-swingup", learning_starts=100)
+    base = vdr.load_toy_model(args, vdr.pretrain(args, progress=False))
+    tuned = vdr.load_video_model(args)  # dm_control: not in PRETRAIN_TASKS
+    changed = lambda a, b: any(not torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert changed(base.clip, tuned.clip) and changed(base.vae, tuned.vae) and changed(base.transformer, tuned.transformer)
+    video = vdr.generate_video(tuned, np.zeros((64, 64, 3), np.uint8), vdr.task_prompt(args.task), 9, seed=0, steps=2)
+    assert video.shape == (9, 64, 64, 3)
+    meta_world = vdr.load_video_model(vdr.dataclasses.replace(args, task="reach-v3"))  # a pretraining task:
+    assert not changed(base.clip, meta_world.clip) and not changed(base.vae, meta_world.vae)  # only the DiT moves
+
+
 def test_eval_video_writes_metrics_per_method(tmp_path, tiny_video_models, video_cache):
     metrics = vdr.eval_video(video_args(tmp_path, cache_dir=video_cache), tmp_path / "ev", progress=False)
     saved = json.loads((tmp_path / "ev" / "metrics.json").read_text())

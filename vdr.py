@@ -35,7 +35,7 @@ Sections of this file, in pipeline order (equation numbers E1-E6 are those of th
   7. Total reward       E6: the standardised sum of both; baselines; eval-reward judges them all offline
   8. SAC                compact soft actor-critic in CleanRL's conventions [4]
   9. Training loop      reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation, reports, CLI
-Next to land: the RL benchmark's full table; DCS experts and RL under distraction.
+Next to land: the RL benchmark's full table; RL on the DCS tasks, and a reward that survives distraction.
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -136,7 +136,7 @@ class Args:
     camera: str = arg("corner", "Meta-World camera the frames are rendered from (the paper's)")
     episode_length: int = arg(150, "env steps per episode (the scripted experts finish in ~45-90)")
     episodes: int = arg(20, "expert demo episodes to collect per task")
-    distraction: str = arg("none", "dm_control tasks: DCS distractions, 'none', 'all' or a subset of color,camera,background")
+    distraction: str = arg("none", "dm_control tasks: DCS distractions, none, all, or some of color,camera,background")
     difficulty: str = arg("easy", "DCS difficulty: easy, medium, hard (scale 0.1, 0.2, 0.3)")
     dynamic_distraction: bool = arg(False, "DCS: distractions drift within the episode (default: fixed per episode)")
     background_dir: str = arg("", "DCS background videos: a folder of frame folders (DAVIS); empty: procedural")
@@ -664,7 +664,8 @@ class DMControl:
                 self.color[k] = np.clip(self.color[k] + self.rng.normal(0, 0.03 * s, self.color[k].shape), -s, s)
             self.set_colors()
         if "camera" in self.distractions:
-            std, vmax = np.array([0.1 * s, 0.1 * s, np.pi / 300 * s, 0.1 * s]), np.array([0.4 * s, 0.4 * s, np.pi / 50 * s, 0.4 * s])
+            std = np.array([0.1 * s, 0.1 * s, np.pi / 300 * s, 0.1 * s])  # azimuth, elevation, roll, zoom
+            vmax = np.array([0.4 * s, 0.4 * s, np.pi / 50 * s, 0.4 * s])
             self.cam_vel = np.clip(self.cam_vel + self.rng.normal(0, std), -vmax, vmax)
             low, high = self.cam_bounds
             self.cam = self.cam + self.cam_vel
@@ -732,8 +733,9 @@ def distractions(args: Args, out: Path | None = None) -> dict:
         row = []
         for distraction in DISTRACTIONS:
             for difficulty in ("none", *DIFFICULTY_SCALE):
-                with DMControl(task, args.image_size, 0, "none" if difficulty == "none" else distraction,
-                               "easy" if difficulty == "none" else difficulty, background_dir=args.background_dir) as env:
+                clean = difficulty == "none"
+                with DMControl(task, args.image_size, 0, "none" if clean else distraction,
+                               "easy" if clean else difficulty, background_dir=args.background_dir) as env:
                     env.reset(seed=args.seed)
                     for _ in range(20):
                         env.step(np.zeros(env.action_space.shape, np.float32))
@@ -1047,16 +1049,22 @@ def clip_batch(data: dict, gen: torch.Generator):
     return np.stack(frames), texts
 
 
-def train_clip(args: Args, demos: dict[str, dict], progress: bool = True) -> Path:
-    """Train the toy CLIP on demo frames and their stage captions (cached). Returns the weights path."""
+def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: Path | None = None) -> Path:
+    """Train the toy CLIP on demo frames and their stage captions (cached), from scratch or, with `init`,
+    on from those weights (finetuning on a new domain). Returns the weights path."""
     import open_clip
-    path = cache_path(args, "clip", ".pt", task="pretrain", tasks=sorted(demos), episodes=args.pretrain_episodes,
-                      config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed, **data_key(args))
+    key = dict(task="pretrain", tasks=sorted(demos), episodes=args.pretrain_episodes)
+    if init is not None:
+        key = dict(task=args.task, init=f"{init.parent.name}/{init.name}", episodes=args.episodes)
+    path = cache_path(args, "clip", ".pt", **key, config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed,
+                      **data_key(args))
     if path.exists():
         return path
     seed_everything(args.seed)
     register_toy_clip(args.cache_dir)
     clip = create_toy_clip().train()
+    if init is not None:
+        clip.load_state_dict(load_checkpoint(init))
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
     # per prompt: its videos (N, F, H, W, 3) and the stages of those frames (N, F)
     data = {d["prompt"]: (d["frames"], np.stack([resample(frame_stages(s), d["frames"].shape[1]) for s in d["success"]]))
@@ -1118,19 +1126,23 @@ def foreground_weight(frames: np.ndarray, background: np.ndarray) -> torch.Tenso
     return 1.0 + VAE_FOREGROUND_WEIGHT * torch.from_numpy(diff).float().unsqueeze(1)
 
 
-def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True) -> Path:
-    """Train the toy VAE on random VAE_CLIP-frame windows of the training videos (cached, resumable).
+def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, init: Path | None = None) -> Path:
+    """Train the toy VAE on random VAE_CLIP-frame windows of the training videos (cached, resumable), from
+    scratch or, with `init` (a saved VAE folder), on from it.
 
     videos: {prompt: (N, F, H, W, 3) uint8}. Saves the AutoencoderKLCogVideoX with its scaling_factor set
     so that latents have unit standard deviation (as Stable Diffusion's was chosen); returns the folder."""
     from diffusers import AutoencoderKLCogVideoX
-    path = cache_path(args, "vae", "", task="pretrain", tasks=sorted(videos), episodes=args.pretrain_episodes,
-                      frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps, seed=args.seed,
-                      **data_key(args))
+    key = dict(task="pretrain", tasks=sorted(videos), episodes=args.pretrain_episodes)
+    if init is not None:
+        key = dict(task=args.task, init=f"{init.parent.name}/{init.name}", episodes=args.episodes)
+    path = cache_path(args, "vae", "", **key, frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps,
+                      seed=args.seed, **data_key(args))
     if path.exists():
         return path
     seed_everything(args.seed)
-    vae = AutoencoderKLCogVideoX(**TOY_VAE_CONFIG)
+    vae = (AutoencoderKLCogVideoX(**TOY_VAE_CONFIG) if init is None else
+           load_pretrained(AutoencoderKLCogVideoX, init, "VAE").train().requires_grad_(True))
     all_videos = np.concatenate(list(videos.values()))  # (N_all, F, H, W, 3)
     backgrounds = np.concatenate([np.repeat(np.median(v, axis=(0, 1))[None], len(v), 0)
                                   for v in videos.values()]).astype(np.uint8)  # (N_all, H, W, 3) per task
@@ -1414,11 +1426,22 @@ def finetune(args: Args, out: Path | None = None, progress: bool = True) -> Path
         path = finetune_lora(args, videos, progress)
     else:
         base = pretrain(args, progress=progress)
+        # A task pretraining never showed (a dm_control task above all, which looks nothing like Meta-World):
+        # the toy VAE and CLIP continue on its demos too (clip_steps, vae_steps), then the DiT does.
+        new_domain = {} if args.task in PRETRAIN_TASKS else {
+            "clip": train_clip(args, {args.task: demos}, progress, init=base / "clip.pt"),
+            "vae": train_vae(args, videos, progress, init=base / "vae")}
         path = cache_path(args, "video", "", task=args.task, base=base.name, episodes=args.episodes,
-                          steps=args.finetune_steps, batch=args.dit_batch, lr=args.finetune_lr, **data_key(args))
+                          steps=args.finetune_steps, batch=args.dit_batch, lr=args.finetune_lr, **data_key(args),
+                          **{k: v.name for k, v in new_domain.items()})
         if not path.exists():
             seed_everything(args.seed)
             model = load_toy_model(args, base)
+            if new_domain:
+                from diffusers import AutoencoderKLCogVideoX
+                model.clip, _ = load_clip(args, new_domain["clip"])
+                model.vae = load_pretrained(AutoencoderKLCogVideoX, new_domain["vae"], "VAE").eval()
+                model.vae.requires_grad_(False)
             losses = train_dit(args, model, videos, args.finetune_steps, args.finetune_lr, path,
                                f"finetune {args.task}", progress)
             save_toy_model(model, path, losses)
