@@ -1049,14 +1049,19 @@ def clip_batch(data: dict, gen: torch.Generator):
     return np.stack(frames), texts
 
 
+def stage_key(args: Args, tasks, init: Path | None) -> dict:
+    """Cache-key inputs of a toy CLIP or VAE: pretrained on `tasks` (names or prompts), or continued from
+    the weights at `init` on args.task's demos (finetuning on a new domain)."""
+    if init is None:
+        return dict(task="pretrain", tasks=sorted(tasks), episodes=args.pretrain_episodes)
+    return dict(task=args.task, init=f"{init.parent.name}/{init.name}", episodes=args.episodes)
+
+
 def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: Path | None = None) -> Path:
     """Train the toy CLIP on demo frames and their stage captions (cached), from scratch or, with `init`,
     on from those weights (finetuning on a new domain). Returns the weights path."""
     import open_clip
-    key = dict(task="pretrain", tasks=sorted(demos), episodes=args.pretrain_episodes)
-    if init is not None:
-        key = dict(task=args.task, init=f"{init.parent.name}/{init.name}", episodes=args.episodes)
-    path = cache_path(args, "clip", ".pt", **key, config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed,
+    path = cache_path(args, "clip", ".pt", **stage_key(args, demos, init), config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed,
                       **data_key(args))
     if path.exists():
         return path
@@ -1133,10 +1138,7 @@ def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, 
     videos: {prompt: (N, F, H, W, 3) uint8}. Saves the AutoencoderKLCogVideoX with its scaling_factor set
     so that latents have unit standard deviation (as Stable Diffusion's was chosen); returns the folder."""
     from diffusers import AutoencoderKLCogVideoX
-    key = dict(task="pretrain", tasks=sorted(videos), episodes=args.pretrain_episodes)
-    if init is not None:
-        key = dict(task=args.task, init=f"{init.parent.name}/{init.name}", episodes=args.episodes)
-    path = cache_path(args, "vae", "", **key, frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps,
+    path = cache_path(args, "vae", "", **stage_key(args, videos, init), frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps,
                       seed=args.seed, **data_key(args))
     if path.exists():
         return path
