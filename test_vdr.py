@@ -806,6 +806,9 @@ def test_every_readme_command_is_one_the_cli_accepts():
         ns = parser.parse_args(tokens)  # an unknown command or flag exits with an error
         fields = {k: v for k, v in vars(ns).items() if k != "command"}
         vdr.make_args(**{**fields, "device": "cpu"})  # the values pass validation (no GPU here)
+        with pytest.raises(SystemExit) as exit_:  # and the command's --help works
+            parser.parse_args([tokens[0], "--help"] if tokens else ["--help"])
+        assert exit_.value.code == 0
 
 
 def test_readme_links_into_vdr_py_land_on_what_they_name():
