@@ -170,6 +170,15 @@ def test_each_distraction_changes_frames_but_not_physics(distraction):
     assert not np.array_equal(frames[0], other[0])  # another seed, another draw
 
 
+def test_dcs_settings_key_dm_control_data_only():
+    """A DCS run's Meta-World pretraining data and models are the undistracted run's (same cache keys);
+    its dm_control data is keyed by the distraction."""
+    clean, dcs = vdr.make_args(task="cartpole-swingup"), vdr.make_args(task="cartpole-swingup", distraction="all")
+    assert vdr.data_key(dcs, "reach-v3") == vdr.data_key(clean, "reach-v3")
+    assert vdr.stage_key(dcs, ["reach-v3"], None) == vdr.stage_key(clean, ["reach-v3"], None)
+    assert vdr.data_key(dcs) != vdr.data_key(clean)
+
+
 def test_dynamic_distractions_drift_and_static_ones_do_not():
     with vdr.DMControl("cartpole-swingup", 32, 0, "color", "hard", dynamic=False) as env:
         env.reset(seed=5); before = env.physics.model.ptr.geom_rgba.copy()

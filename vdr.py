@@ -318,10 +318,12 @@ def write_json(path: Path, obj) -> Path:
 CACHE_VERSION = 1  # bump when a cached artefact's format or meaning changes, so stale caches are not reused
 
 
-def data_key(args: Args) -> dict:
-    """The settings that make the data (frames, episodes) what it is: part of every trained model's key."""
+def data_key(args: Args, task: str | None = None) -> dict:
+    """The settings that make the data (frames, episodes) of `task` (default args.task) what it is: part of
+    every trained model's key. The DCS settings count only for a dm_control task: Meta-World ignores them,
+    so a DCS run reuses the Meta-World demos and pretrained models of an undistracted one."""
     key = {"image_size": args.image_size, "camera": args.camera, "episode_length": args.episode_length}
-    if args.distraction != "none":  # DCS frames (section 2b)
+    if args.distraction != "none" and (task or args.task) in DMC_TASKS:  # DCS frames (section 2b)
         key |= {"distraction": args.distraction, "difficulty": args.difficulty,
                 "dynamic": args.dynamic_distraction, "background": args.background_dir}
     return key
@@ -856,7 +858,7 @@ def collect_demos(args: Args, task: str | None = None, episodes: int | None = No
 
     task, episodes = task or args.task, episodes or args.episodes
     path = cache_path(args, "demos", ".npz", task=task, episodes=episodes, seed0=seed0, frames=frames,
-                      behaviour=(behaviour, NOISE_STD, STOP_FRACTION), **data_key(args))
+                      behaviour=(behaviour, NOISE_STD, STOP_FRACTION), **data_key(args, task))
     if path.exists():
         try:
             with np.load(path) as data:
@@ -1052,17 +1054,16 @@ def clip_batch(data: dict, gen: torch.Generator):
 def stage_key(args: Args, tasks, init: Path | None) -> dict:
     """Cache-key inputs of a toy CLIP or VAE: pretrained on `tasks` (names or prompts), or continued from
     the weights at `init` on args.task's demos (finetuning on a new domain)."""
-    if init is None:
-        return dict(task="pretrain", tasks=sorted(tasks), episodes=args.pretrain_episodes)
-    return dict(task=args.task, init=f"{init.parent.name}/{init.name}", episodes=args.episodes)
+    if init is None:  # PRETRAIN_TASKS are Meta-World's
+        return dict(task="pretrain", tasks=sorted(tasks), episodes=args.pretrain_episodes, **data_key(args, "pretrain"))
+    return dict(task=args.task, init=f"{init.parent.name}/{init.name}", episodes=args.episodes, **data_key(args))
 
 
 def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: Path | None = None) -> Path:
     """Train the toy CLIP on demo frames and their stage captions (cached), from scratch or, with `init`,
     on from those weights (finetuning on a new domain). Returns the weights path."""
     import open_clip
-    path = cache_path(args, "clip", ".pt", **stage_key(args, demos, init), config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed,
-                      **data_key(args))
+    path = cache_path(args, "clip", ".pt", **stage_key(args, demos, init), config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed)
     if path.exists():
         return path
     seed_everything(args.seed)
@@ -1139,7 +1140,7 @@ def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, 
     so that latents have unit standard deviation (as Stable Diffusion's was chosen); returns the folder."""
     from diffusers import AutoencoderKLCogVideoX
     path = cache_path(args, "vae", "", **stage_key(args, videos, init), frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps,
-                      seed=args.seed, **data_key(args))
+                      seed=args.seed)
     if path.exists():
         return path
     seed_everything(args.seed)
@@ -2610,6 +2611,7 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                 t0 = time.time()
                 for done_ep, r in rewards(ep, global_step):
                     rb.add(done_ep["states"][:-1], done_ep["actions"], r, done_ep["states"][1:], done_ep["dones"])
+                    logger.log(global_step, {"charts/reward_return": float(r.sum())})  # the return SAC maximises
                 reward_time += time.time() - t0
                 logger.log(global_step, {"charts/episodic_return": float(ep["env_rewards"].sum()),
                                          "charts/episodic_success": float(ep["success"].any())})
@@ -2873,7 +2875,8 @@ def bench(args: Args, out: Path | None = None) -> dict:
             summary[f"{task}/{mode}"] = (float(np.mean(s_)), float(np.std(s_)))
             cells.append(f"{np.mean(s_):.2f} ± {np.std(s_):.2f}")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        plot_bench_curves([r for r in rows if r["task"] == task], modes, out / f"curves_{task}.png", task)
+        plot_bench_curves([r for r in rows if r["task"] == task], modes, out / f"curves_{task}.png", task,
+                          metric="eval/return" if task in DMC_TASKS else "eval/success")
     lines += ["", "| reward mode | env steps/s (mean over runs) | reward computation, share of wall time |",
               "|---|---|---|"]
     for mode in modes:
@@ -2886,18 +2889,22 @@ def bench(args: Args, out: Path | None = None) -> dict:
     return summary
 
 
-def plot_bench_curves(rows: list[dict], modes: list[str], path: Path, task: str) -> Path:
-    """Eval success against env steps, mean over seeds with the min-max band, one line per reward mode."""
+def plot_bench_curves(rows: list[dict], modes: list[str], path: Path, task: str, metric: str = "eval/success") -> Path:
+    """An eval metric (Meta-World: success; dm_control: the task's return) against env steps, mean over
+    seeds with the min-max band, one line per reward mode (rows' "reward")."""
     from matplotlib.figure import Figure
     fig = Figure(figsize=(6, 3.6))
     ax = fig.subplots()
     for mode in modes:
         curves = [r["curve"] for r in rows if r["reward"] == mode]
         steps = [c["env_steps"] for c in curves[0]]
-        success = np.array([[c["eval/success"] for c in curve] for curve in curves])  # (seeds, evals)
-        ax.plot(steps, success.mean(0), marker="o", ms=3, label=mode)
-        ax.fill_between(steps, success.min(0), success.max(0), alpha=0.15)
-    ax.set(xlabel="env steps", ylabel="eval success rate", ylim=(-0.05, 1.05), title=f"{task}: SAC per reward mode")
+        values = np.array([[c[metric] for c in curve] for curve in curves])  # (seeds, evals)
+        ax.plot(steps, values.mean(0), marker="o", ms=3, label=mode)
+        ax.fill_between(steps, values.min(0), values.max(0), alpha=0.15)
+    ax.set(xlabel="env steps", ylabel={"eval/success": "eval success rate", "eval/return": "eval return"}[metric],
+           title=f"{task}: SAC per reward mode")
+    if metric == "eval/success":
+        ax.set_ylim(-0.05, 1.05)
     ax.legend(fontsize=8)
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
