@@ -776,6 +776,16 @@ def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):
     assert vdr.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out  # finished runs are skipped
 
 
+def test_bench_summarises_dm_control_by_its_return(tmp_path):
+    argv = ["bench", "--bench-tasks", "cartpole-swingup", "--bench-modes", "dense", "--bench-seeds", "1",
+            "--steps", "60", "--learning-starts", "30", "--batch-size", "16", "--hidden", "16", "--eval-every", "60",
+            "--eval-episodes", "1", "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "bench")]
+    assert vdr.main(argv) == 0
+    ret = json.loads((tmp_path / "bench" / "runs" / "cartpole-swingup-dense-s1" / "metrics.json").read_text())["eval_return"]
+    summary = (tmp_path / "bench" / "summary.md").read_text()
+    assert f"| cartpole-swingup | {ret:.0f} ± 0 |" in summary  # the return (0-1000), not the success rate
+
+
 def test_same_seed_same_numbers(tmp_path):
     logs = []
     for run, seed in (("a", 3), ("b", 3), ("c", 4)):

@@ -2865,15 +2865,17 @@ def bench(args: Args, out: Path | None = None) -> dict:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader(); writer.writerows(rows)
     atomic_write(out / "results.csv", write_csv)
-    lines = [f"# vdr bench: SAC, {args.steps} env steps, {args.bench_seeds} seeds, eval success at the end "
-             f"(mean ± std over seeds)\n", "| task | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
+    lines = [f"# vdr bench: SAC, {args.steps} env steps, {args.bench_seeds} seeds, evaluated at the end: success "
+             f"rate (Meta-World) or the task's return (dm_control), mean ± std over seeds\n",
+             "| task | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
     summary = {}
     for task in tasks:
+        key, fmt = ("eval_return", ".0f") if task in DMC_TASKS else ("eval_success", ".2f")  # dm_control: return
         cells = []
         for mode in modes:
-            s_ = [r["eval_success"] for r in rows if r["task"] == task and r["reward"] == mode]
+            s_ = [r[key] for r in rows if r["task"] == task and r["reward"] == mode]
             summary[f"{task}/{mode}"] = (float(np.mean(s_)), float(np.std(s_)))
-            cells.append(f"{np.mean(s_):.2f} ± {np.std(s_):.2f}")
+            cells.append(f"{np.mean(s_):{fmt}} ± {np.std(s_):{fmt}}")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
         plot_bench_curves([r for r in rows if r["task"] == task], modes, out / f"curves_{task}.png", task,
                           metric="eval/return" if task in DMC_TASKS else "eval/success")
