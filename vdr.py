@@ -2870,15 +2870,16 @@ def bench(args: Args, out: Path | None = None) -> dict:
              "| task | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
     summary = {}
     for task in tasks:
-        key, fmt = ("eval_return", ".0f") if task in DMC_TASKS else ("eval_success", ".2f")  # dm_control: return
+        # dm_control is judged by the task's return, Meta-World by success
+        key, fmt, metric = ("eval_return", ".0f", "eval/return") if task in DMC_TASKS else \
+            ("eval_success", ".2f", "eval/success")
         cells = []
         for mode in modes:
             s_ = [r[key] for r in rows if r["task"] == task and r["reward"] == mode]
             summary[f"{task}/{mode}"] = (float(np.mean(s_)), float(np.std(s_)))
             cells.append(f"{np.mean(s_):{fmt}} ± {np.std(s_):{fmt}}")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
-        plot_bench_curves([r for r in rows if r["task"] == task], modes, out / f"curves_{task}.png", task,
-                          metric="eval/return" if task in DMC_TASKS else "eval/success")
+        plot_bench_curves([r for r in rows if r["task"] == task], modes, out / f"curves_{task}.png", task, metric)
     lines += ["", "| reward mode | env steps/s (mean over runs) | reward computation, share of wall time |",
               "|---|---|---|"]
     for mode in modes:
