@@ -2,6 +2,7 @@
 
 Run:  python -m pytest -q
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -710,6 +711,15 @@ def test_reward_modes_that_see_frames_train_past_learning_starts(tmp_path, tiny_
         fb_steps = [r["step"] for r in log if "losses/fb" in r]
         assert fb_steps and max(fb_steps) < 220
     assert metrics["env_steps"] == 240 and metrics["reward_seconds"] > 0
+
+
+def test_fb_demos_put_the_expert_demos_in_fbs_replay_and_only_then(tmp_path, tiny_video_models, video_cache):
+    args = video_args(tmp_path, cache_dir=video_cache, reward="gen", fb_demos=True)
+    demos = vdr.collect_demos(args, progress=False)  # the finetuning demos, cached
+    [part] = vdr.EpisodeRewards(args, 39, 4).fb_parts  # FB's replay before the agent's first episode
+    assert len(part["obs"]) == args.episodes * (args.episode_length - 1)  # (s, a, s', a') per step but the last
+    assert torch.equal(part["obs"][:args.episode_length - 1], torch.as_tensor(demos["states"][0, :-2]))
+    assert vdr.EpisodeRewards(dataclasses.replace(args, fb_demos=False), 39, 4).fb_parts == []  # the paper's
 
 
 class Interrupted(Exception):

@@ -184,6 +184,7 @@ class Args:
     fb_every: int = arg(4, "gen modes: one online FB update every this many env steps (FB costs ~3 SAC updates)")
     fb_warmup: int = arg(1000, "gen modes: FB updates on the exploratory data before the first reward is computed")
     fb_freeze: int = arg(25_000, "gen modes: FB stops training at this env step, as in the paper (at 100k of 1M)")
+    fb_demos: bool = arg(False, "gen modes: the task's expert demos join FB's replay (section 9); off: the paper's")
     resume: bool = arg(False, "train: continue from OUT/checkpoint.pt (saved after each evaluation) if there is one")
     bench_tasks: str = arg("reach-v3,button-press-topdown-v3,drawer-open-v3", "bench: comma-separated tasks")
     bench_modes: str = arg("gen,gen+dense,dense,sparse,clip-text", "bench: comma-separated reward modes")
@@ -2459,6 +2460,13 @@ class SAC:
 # when they are in, FB trains fb_warmup steps, the held-back episodes are scored, and SAC starts. FB then
 # trains on its own replay (psi features of the frames are stored, not the frames) every fb_every env
 # steps until fb_freeze, and is frozen after.
+# FB's data. F^T z* estimates how much the policy that collected FB's data visits the goal frame after
+# (s, a) (E4), which only data that reaches the goal can teach. In `gen`, the agent's replay holds no goal
+# until the agent gets there, and F ranks states by what it has seen: on button-press-topdown-v3 the agent
+# raised the arm and held it still, and F rated that pose above the expert's whole path (README: results).
+# --fb-demos adds the task's expert demos (the finetuning episodes, with their states and actions) to FB's
+# replay, as eval-reward's FB has them (section 7c). Off by default, as in the paper: measured on one seed,
+# it moved the exploit on button-press (the gripper held beside the button) and made reach-v3 worse (README).
 GEN_MODES = ("gen", "gen+dense")
 
 
@@ -2478,6 +2486,9 @@ class EpisodeRewards:
             self.fb = FB(obs_dim, act_dim, psi_dim, seed=args.seed)
             self.fb_data, self.fb_parts = None, []  # FB's replay: fb_transitions() dicts, joined when sampled
             self.fb_gen = torch.Generator().manual_seed(args.seed)
+            if args.fb_demos:  # the video model's finetuning demos (cached), with their states and actions
+                self.fb_parts.append(fb_transitions(split_episodes(collect_demos(args, progress=False)),
+                                                    self.model.clip))
 
     def __call__(self, episode: dict, step: int) -> list[tuple[dict, np.ndarray]]:
         mode = self.args.reward
