@@ -656,6 +656,26 @@ def test_sac_updates_lower_the_critic_loss_on_a_fixed_batch(tmp_path):
     assert {"losses/actor_loss", "losses/alpha", "losses/alpha_loss"} <= set(metrics)
 
 
+def test_observation_standardisation_is_frozen_from_the_given_steps_and_saved(tmp_path):
+    agent = vdr.SAC(5, 2, tiny_args(tmp_path, hidden=16))
+    rng = np.random.default_rng(0)
+    obs = rng.normal([0.0, 0.6, 0.2, 0.0, 0.0], [0.1, 0.05, 0.02, 0.0, 0.0], size=(500, 5)).astype(np.float32)
+    x = torch.from_numpy(obs)
+    assert torch.equal(agent.normalise(x), x)  # identity before the statistics are set
+    agent.set_obs_stats(obs)
+    z = agent.normalise(x)
+    assert torch.allclose(z[:, :3].mean(0), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(z[:, :3].std(0), torch.ones(3), atol=1e-4)
+    assert torch.equal(z[:, 3:], torch.zeros(500, 2))  # never moved: std floored, not zero (no inf / nan)
+    far = agent.normalise(torch.tensor([[0.0, 0.6, 0.2, 1.0, 0.0]]))  # an untouched object moved 1 m
+    assert far[0, 3] == vdr.OBS_CLIP
+    # the statistics travel with the agent (checkpoints, resume), and acting uses them
+    other = vdr.SAC(5, 2, tiny_args(tmp_path, hidden=16))
+    other.load_state_dict(agent.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(agent.obs_stats, other.obs_stats))
+    np.testing.assert_array_equal(agent.act(obs[0], deterministic=True), other.act(obs[0], deterministic=True))
+
+
 def test_replay_buffer_wraps_around():
     rb = vdr.ReplayBuffer(2, 1, size=5, rng=np.random.default_rng(0))
     obs = np.arange(14, dtype=np.float32).reshape(7, 2)
