@@ -375,6 +375,11 @@ def test_eval_video_writes_metrics_per_method(tmp_path, tiny_video_models, video
     for method in ("generated", "first_frame_repeated", "nearest_demo"):
         assert {"final_frame_mse", "latent_cosine"} <= set(saved[method])
         assert np.isfinite(saved[method]["final_frame_mse"])
+        per_video = saved[method]["final_frame_mse_per_video"]
+        assert len(per_video) <= 2 and np.isclose(np.mean(per_video), saved[method]["final_frame_mse"])
+    for baseline in ("first_frame_repeated", "nearest_demo"):  # paired over the same states
+        assert np.isclose(saved[baseline]["generated_minus_this"],
+                          saved["generated"]["final_frame_mse"] - saved[baseline]["final_frame_mse"])
     assert (tmp_path / "ev" / "side_by_side.png").exists() and metrics["videos"] == 2
 
 
