@@ -735,7 +735,11 @@ def test_reward_modes_that_see_frames_train_past_learning_starts(tmp_path, tiny_
     if mode != "clip-text":  # FB learned online, and only until it was frozen
         fb_steps = [r["step"] for r in log if "losses/fb" in r]
         assert fb_steps and max(fb_steps) < 220
-    assert metrics["env_steps"] == 240 and metrics["reward_seconds"] > 0
+    assert metrics["env_steps"] == 240
+    parts = metrics["reward_seconds_by_part"]  # the reward's cost, in parts that add up to the whole
+    assert set(parts) == set(vdr.REWARD_COST_PARTS) and parts["render"] > 0 and parts["scoring"] > 0
+    assert metrics["reward_seconds"] == pytest.approx(sum(parts.values()))
+    assert (parts["goal_video"] > 0 and parts["fb_updates"] > 0) == (mode != "clip-text")
 
 
 def test_fb_demos_put_the_expert_demos_in_fbs_replay_and_only_then(tmp_path, tiny_video_models, video_cache):
@@ -805,6 +809,7 @@ def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):
     assert "4 runs to do" in capsys.readouterr().out
     rows = (tmp_path / "bench" / "results.csv").read_text().splitlines()
     assert len(rows) == 1 + 4 and rows[0].startswith("task,reward,seed,eval_success")
+    assert all(f"{p}_seconds" in rows[0] for p in vdr.REWARD_COST_PARTS)  # the reward's cost, in parts
     summary = (tmp_path / "bench" / "summary.md").read_text()
     assert "| reach-v3 |" in summary and "| dense |" in summary and "| sparse |" in summary
     assert (tmp_path / "bench" / "curves_reach-v3.png").stat().st_size > 1000

@@ -59,6 +59,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -2511,7 +2512,11 @@ class SAC:
 # --fb-demos adds the task's expert demos (the finetuning episodes, with their states and actions) to FB's
 # replay, as eval-reward's FB has them (section 7c). Off by default, as in the paper: measured on one seed,
 # it moved the exploit on button-press (the gripper held beside the button) and made reach-v3 worse (README).
+# What the reward costs is timed in parts (EpisodeRewards.seconds; metrics.json's reward_seconds_by_part):
+# rendering the frames, generating goal videos, scoring (E2 encodes, E3, E5, E6, or CLIP-text), psi
+# features of the frames for FB's replay, and FB's updates.
 GEN_MODES = ("gen", "gen+dense")
+REWARD_COST_PARTS = ("render", "goal_video", "scoring", "fb_features", "fb_updates")
 
 
 class EpisodeRewards:
@@ -2522,6 +2527,7 @@ class EpisodeRewards:
 
     def __init__(self, args: Args, obs_dim: int, act_dim: int):
         self.args, self.pending, self.reward, self.episodes = args, [], None, 0
+        self.seconds = dict.fromkeys(REWARD_COST_PARTS, 0.0)  # wall time of each part of the reward
         self.needs_frames = args.reward in (*GEN_MODES, "clip-text")
         if self.needs_frames:
             self.model = load_video_model(args)  # cached; the toy model trains on first use (~11 min)
@@ -2541,17 +2547,20 @@ class EpisodeRewards:
         if mode == "sparse":
             return [(episode, episode["success"].astype(np.float32))]
         if mode == "clip-text":
-            return [(episode, clip_text_reward(self.model.clip, self.model.tokenizer, episode["frames"],
-                                               clip_text_prompts(self.args)))]
+            with self.timed("scoring"):
+                return [(episode, clip_text_reward(self.model.clip, self.model.tokenizer, episode["frames"],
+                                                   clip_text_prompts(self.args)))]
         if step < self.args.fb_freeze:  # FB's data: psi of the frames, computed once
-            self.fb_parts.append(fb_transitions([episode], self.model.clip))
+            with self.timed("fb_features"):
+                self.fb_parts.append(fb_transitions([episode], self.model.clip))
         if self.reward is None:  # still exploring: hold the episode back
             self.pending.append(episode)
             if step + 1 < self.args.learning_starts:
                 return []
             self.update_fb(self.args.fb_warmup)
-            self.reward = GenerativeReward(self.args, self.model.vae, self.model.clip, self.model.tokenizer,
-                                           self.fb, self.pending)
+            with self.timed("scoring"):  # E2's encodes of the exploratory episodes
+                self.reward = GenerativeReward(self.args, self.model.vae, self.model.clip, self.model.tokenizer,
+                                               self.fb, self.pending)
             ready, self.pending = self.pending, []
         else:
             ready = [episode]
@@ -2560,10 +2569,22 @@ class EpisodeRewards:
     def score(self, episode: dict) -> np.ndarray:
         """E6 (+ the env's reward in gen+dense) against a goal video generated from the episode's first frame."""
         self.episodes += 1
-        video = generate_video(self.model, episode["frames"][0], task_prompt(self.args.task), self.args.video_frames,
-                               seed=self.args.seed * 1_000_003 + self.episodes, steps=self.args.sample_steps)
-        r = self.reward.reward(episode, self.reward.goal(video))
+        with self.timed("goal_video"):
+            video = generate_video(self.model, episode["frames"][0], task_prompt(self.args.task),
+                                   self.args.video_frames, seed=self.args.seed * 1_000_003 + self.episodes,
+                                   steps=self.args.sample_steps)
+        with self.timed("scoring"):
+            r = self.reward.reward(episode, self.reward.goal(video))
         return r + episode["env_rewards"] if self.args.reward == "gen+dense" else r
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Add the wall time of the `with` block to self.seconds[part]."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
 
     def state_dict(self) -> dict:
         """What a resumed run needs: FB with its optimiser and data, the held-back episodes, and the frozen
@@ -2589,6 +2610,10 @@ class EpisodeRewards:
 
     def update_fb(self, updates: int) -> dict:
         """`updates` steps of E4 on FB's replay (uniform batches of args.fb_batch transitions)."""
+        with self.timed("fb_updates"):
+            return self._update_fb(updates)
+
+    def _update_fb(self, updates: int) -> dict:
         if self.fb_parts:  # join the episodes added since the last update
             self.fb_data = {k: torch.cat(([self.fb_data[k]] if self.fb_data else []) + [p[k] for p in self.fb_parts])
                             for k in self.fb_parts[0]}
@@ -2631,12 +2656,12 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
         agent = SAC(obs_dim, act_dim, args)
         rb = ReplayBuffer(obs_dim, act_dim, min(args.buffer_size, args.steps), rng)
         rewards = EpisodeRewards(args, obs_dim, act_dim)
-        curve, episode, eval_time, reward_time, first_step, save_due = [], None, 0.0, 0.0, 0, False
+        curve, episode, eval_time, first_step, save_due = [], None, 0.0, 0, False
         if resume is not None:  # every piece of state the loop carries, as it was at the checkpoint
             agent.load_state_dict(resume["agent"]); rb.load_state_dict(resume["buffer"])
             rewards.load_state_dict(resume["rewards"])
             rng.bit_generator.state = resume["rng"]; torch.set_rng_state(resume["torch_rng"])
-            curve, eval_time, reward_time = resume["curve"], resume["eval_time"], resume["reward_time"]
+            curve, eval_time, rewards.seconds = resume["curve"], resume["eval_time"], resume["reward_seconds"]
             first_step = resume["step"]
         logger = Logger(out, keep_bytes=resume["log_bytes"] if resume else None)
         start = time.time() - (resume["elapsed"] if resume else 0.0)
@@ -2648,7 +2673,8 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                 episode = {k: [] for k in ("states", "actions", "env_rewards", "success", "dones", "frames")}
                 episode["states"].append(obs)
                 if rewards.needs_frames:
-                    episode["frames"].append(env.render())
+                    with rewards.timed("render"):
+                        episode["frames"].append(env.render())
             if global_step < args.learning_starts:
                 action = rng.uniform(-1, 1, act_dim).astype(np.float32)  # uniform exploration (CleanRL)
             else:
@@ -2657,17 +2683,14 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
             for k, v in zip(episode, (obs, action, reward, info["success"] > 0, float(terminated))):
                 episode[k].append(v)
             if rewards.needs_frames:
-                t0 = time.time()
-                episode["frames"].append(env.render())
-                reward_time += time.time() - t0  # what the reward costs: rendering, scoring, FB (below)
+                with rewards.timed("render"):  # what the reward costs, in parts: rewards.seconds
+                    episode["frames"].append(env.render())
 
             if terminated or truncated:  # score the finished episode(s), then store the transitions
                 ep = {k: np.array(v) for k, v in episode.items()}  # states (T+1, obs_dim), frames (T+1, H, W, 3)
-                t0 = time.time()
-                for done_ep, r in rewards(ep, global_step):
+                for done_ep, r in rewards(ep, global_step):  # goal videos, scoring, FB's features (timed)
                     rb.add(done_ep["states"][:-1], done_ep["actions"], r, done_ep["states"][1:], done_ep["dones"])
                     logger.log(global_step, {"charts/reward_return": float(r.sum())})  # the return SAC maximises
-                reward_time += time.time() - t0
                 logger.log(global_step, {"charts/episodic_return": float(ep["env_rewards"].sum()),
                                          "charts/episodic_success": float(ep["success"].any())})
                 episode = None
@@ -2677,9 +2700,7 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                     agent.set_obs_stats(rb.obs[:len(rb)])
                 losses = agent.update(rb.sample(args.batch_size), global_step)
                 if rewards.reward is not None and global_step < args.fb_freeze and global_step % args.fb_every == 0:
-                    t0 = time.time()
                     losses |= rewards.update_fb(1)  # FB learns online until it is frozen
-                    reward_time += time.time() - t0
                 if global_step % 100 == 0:  # log every 100 steps, as CleanRL does
                     sps = (global_step + 1) / (time.time() - start - eval_time)
                     logger.log(global_step, losses | {"charts/SPS": sps})
@@ -2698,7 +2719,7 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                 state = {"args": dataclasses.asdict(args) | {"resume": False}, "step": global_step + 1,
                          "agent": agent.state_dict(), "buffer": rb.state_dict(), "rewards": rewards.state_dict(),
                          "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "curve": curve,
-                         "eval_time": eval_time, "reward_time": reward_time, "elapsed": time.time() - start,
+                         "eval_time": eval_time, "reward_seconds": rewards.seconds, "elapsed": time.time() - start,
                          "log_bytes": logger.file.tell()}
                 atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
                 save_due = False
@@ -2713,7 +2734,8 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                "eval_success": curve[-1]["eval/success"], "eval_return": curve[-1]["eval/return"],
                "env_steps": args.steps, "steps_per_second": args.steps / (wall - eval_time),
                "wall_seconds": wall, "eval_seconds": eval_time, "curve": curve,
-               "reward_seconds": reward_time}  # what the reward cost: frames rendered, goal videos, E2-E6, FB updates
+               "reward_seconds": sum(rewards.seconds.values()),  # what the reward cost, all parts
+               "reward_seconds_by_part": rewards.seconds}
     write_json(out / "metrics.json", metrics)
     plot_learning_curve(curve, out / "learning_curve.png", f"{args.task} - SAC on the {args.reward} reward")
     checkpoint.unlink(missing_ok=True)  # the run is complete: nothing left to resume
@@ -2914,7 +2936,9 @@ def bench(args: Args, out: Path | None = None) -> dict:
                 m = json.loads((out / "runs" / f"{task}-{mode}-s{seed}" / "metrics.json").read_text())
                 keys = ("task", "reward", "seed", "eval_success", "eval_return", "env_steps", "steps_per_second",
                         "wall_seconds", "reward_seconds")
-                rows.append({k: m[k] for k in keys} | {"curve": m["curve"]})
+                parts = m.get("reward_seconds_by_part", {})  # absent in runs made before it was timed in parts
+                rows.append({k: m[k] for k in keys} | {f"{p}_seconds": parts.get(p, float("nan"))
+                                                       for p in REWARD_COST_PARTS} | {"curve": m["curve"]})
     fields = [k for k in rows[0] if k != "curve"]
 
     def write_csv(tmp):
@@ -2937,12 +2961,17 @@ def bench(args: Args, out: Path | None = None) -> dict:
             cells.append(f"{np.mean(s_):{fmt}} ± {np.std(s_):{fmt}}")
         lines.append(f"| {task} | " + " | ".join(cells) + " |")
         plot_bench_curves([r for r in rows if r["task"] == task], modes, out / f"curves_{task}.png", task, metric)
-    lines += ["", "| reward mode | env steps/s (mean over runs) | reward computation, share of wall time |",
-              "|---|---|---|"]
+    # Cost per env step, in ms (mean over runs): the whole step (SAC's act and update, the env, the reward;
+    # evaluations excluded), then each part of the reward.
+    lines += ["", "| reward mode | env steps/s | ms per env step | reward's share of wall time | "
+              + " | ".join(f"{p} (ms/step)" for p in REWARD_COST_PARTS) + " |", "|---" * (4 + len(REWARD_COST_PARTS)) + "|"]
     for mode in modes:
         rs = [r for r in rows if r["reward"] == mode]
+        parts = [np.mean([1000 * r[f"{p}_seconds"] / r["env_steps"] for r in rs]) for p in REWARD_COST_PARTS]
         lines.append(f"| {mode} | {np.mean([r['steps_per_second'] for r in rs]):.0f} | "
-                     f"{np.mean([r['reward_seconds'] / r['wall_seconds'] for r in rs]):.0%} |")
+                     f"{np.mean([1000 / r['steps_per_second'] for r in rs]):.1f} | "
+                     f"{np.mean([r['reward_seconds'] / r['wall_seconds'] for r in rs]):.0%} | "
+                     + " | ".join(f"{v:.2f}" for v in parts) + " |")
     text = "\n".join(lines) + "\n"
     atomic_write(out / "summary.md", lambda tmp: Path(tmp).write_text(text))
     print(text)
