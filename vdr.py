@@ -2540,6 +2540,15 @@ class EpisodeRewards:
                 self.fb_parts.append(fb_transitions(split_episodes(collect_demos(args, progress=False)),
                                                     self.model.clip))
 
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Add the wall time of the `with` block to self.seconds[part]."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] += time.perf_counter() - t0
+
     def __call__(self, episode: dict, step: int) -> list[tuple[dict, np.ndarray]]:
         mode = self.args.reward
         if mode == "dense":
@@ -2577,15 +2586,6 @@ class EpisodeRewards:
             r = self.reward.reward(episode, self.reward.goal(video))
         return r + episode["env_rewards"] if self.args.reward == "gen+dense" else r
 
-    @contextlib.contextmanager
-    def timed(self, part: str):
-        """Add the wall time of the `with` block to self.seconds[part]."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[part] += time.perf_counter() - t0
-
     def state_dict(self) -> dict:
         """What a resumed run needs: FB with its optimiser and data, the held-back episodes, and the frozen
         parts of the generative reward (exploratory latents, m, and the exploratory transitions)."""
@@ -2611,17 +2611,14 @@ class EpisodeRewards:
     def update_fb(self, updates: int) -> dict:
         """`updates` steps of E4 on FB's replay (uniform batches of args.fb_batch transitions)."""
         with self.timed("fb_updates"):
-            return self._update_fb(updates)
-
-    def _update_fb(self, updates: int) -> dict:
-        if self.fb_parts:  # join the episodes added since the last update
-            self.fb_data = {k: torch.cat(([self.fb_data[k]] if self.fb_data else []) + [p[k] for p in self.fb_parts])
-                            for k in self.fb_parts[0]}
-            self.fb_parts = []
-        metrics = {}
-        for _ in range(updates):
-            idx = torch.randint(len(self.fb_data["obs"]), (self.args.fb_batch,), generator=self.fb_gen)
-            metrics = self.fb.update({k: v[idx] for k, v in self.fb_data.items()})
+            if self.fb_parts:  # join the episodes added since the last update
+                self.fb_data = {k: torch.cat(([self.fb_data[k]] if self.fb_data else []) + [p[k] for p in self.fb_parts])
+                                for k in self.fb_parts[0]}
+                self.fb_parts = []
+            metrics = {}
+            for _ in range(updates):
+                idx = torch.randint(len(self.fb_data["obs"]), (self.args.fb_batch,), generator=self.fb_gen)
+                metrics = self.fb.update({k: v[idx] for k, v in self.fb_data.items()})
         return metrics
 
 
