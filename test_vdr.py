@@ -771,6 +771,7 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_video_models
         vdr.train(video_args(tmp_path, out=str(tmp_path / "cut"), **settings), progress=False)
     assert (tmp_path / "cut" / "checkpoint.pt").exists() and not (tmp_path / "cut" / "metrics.json").exists()
     monkeypatch.setattr(vdr, "evaluate", evaluate)
+    saved = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     resumed = vdr.train(video_args(tmp_path, out=str(tmp_path / "cut"), resume=True, **settings), progress=False)
     assert resumed["curve"] == whole["curve"]
     strip = lambda run: [{k: v for k, v in r.items() if k != "charts/SPS"} for r in read_log(tmp_path / run / "log.jsonl")]
@@ -780,6 +781,9 @@ def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_video_models
     assert not (tmp_path / "cut" / "checkpoint.pt").exists()  # a finished run leaves no checkpoint behind
     with pytest.raises(vdr.VdrError, match="other settings"):
         torch.save({"args": {}}, tmp_path / "cut" / "checkpoint.pt")
+        vdr.train(video_args(tmp_path, out=str(tmp_path / "cut"), resume=True, **settings), progress=False)
+    with pytest.raises(vdr.VdrError, match="older vdr"):  # same settings, but a key this version saves is missing
+        torch.save({k: v for k, v in saved.items() if k != "reward_seconds"}, tmp_path / "cut" / "checkpoint.pt")
         vdr.train(video_args(tmp_path, out=str(tmp_path / "cut"), resume=True, **settings), progress=False)
 
 

@@ -2646,6 +2646,9 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     if resume is not None and resume["args"] != {**dataclasses.asdict(args), "resume": False}:
         raise VdrError(f"{checkpoint} was written by a run with other settings; resume with the same flags "
                        "(see its args.json), or use another --out")
+    if resume is not None and "reward_seconds" not in resume:  # saved before the reward was timed in parts
+        raise VdrError(f"{checkpoint} was written by an older vdr and cannot be resumed; rerun without --resume "
+                       "(it starts over), or use another --out")
     write_json(out / "args.json", dataclasses.asdict(args))
     rng = seed_everything(args.seed)
     with make_env(args) as env, make_env(args) as eval_env:
