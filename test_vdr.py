@@ -602,6 +602,19 @@ def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centr
         assert np.abs(z.mean(0)).max() < 1e-4 and z.std() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_e6_weighs_the_standardised_terms_and_the_hybrid_scales_them_down():
+    from types import SimpleNamespace
+    terms = {"r_video": np.array([1.0, 3.0], np.float32), "r_fb": np.array([10.0, 10.0], np.float32)}
+    goal = SimpleNamespace(stats={"r_video": (np.array([1.0, 1.0]), 2.0), "r_fb": (np.array([0.0, 5.0]), 5.0)})
+
+    def e6(**settings):  # z_video = [0, 1], z_fb = [2, 1]: (r - mu(t)) / sigma
+        return vdr.GenerativeReward.combine(SimpleNamespace(args=vdr.make_args(**settings)), terms, goal)
+    np.testing.assert_allclose(e6(reward="gen"), [2.0, 2.0])
+    np.testing.assert_allclose(e6(reward="gen", fb_weight=0.0), [0.0, 1.0])
+    np.testing.assert_allclose(e6(reward="gen+dense"), [0.2, 0.2])  # --hybrid-weight 0.1
+    np.testing.assert_allclose(e6(reward="gen+dense", hybrid_weight=1.0, video_weight=0.5), [2.0, 1.5])
+
+
 def test_eval_reward_scores_every_reward_against_both_goals(tmp_path, tiny_video_models, video_cache):
     args = video_args(tmp_path, cache_dir=video_cache, explore_episodes=2, fb_steps=3, fb_batch=16, episode_length=80)  # experts succeed
     metrics = vdr.eval_reward(args, tmp_path / "er", progress=False)
@@ -818,6 +831,19 @@ def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):
     assert "| reach-v3 |" in summary and "| dense |" in summary and "| sparse |" in summary
     assert (tmp_path / "bench" / "curves_reach-v3.png").stat().st_size > 1000
     assert vdr.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out  # finished runs are skipped
+
+
+def test_bench_trains_each_seeds_video_model_before_the_workers(tmp_path, monkeypatch):
+    loaded = []  # the video model's key holds the seed: workers must not each train the same one
+    monkeypatch.setattr(vdr, "load_video_model", lambda args: loaded.append((args.task, args.seed)))
+    for seed in (1, 2):  # both runs finished already, so no worker starts
+        curve = [{"env_steps": 60, "eval/success": 0.5, "eval/return": 1.0}]
+        vdr.write_json(tmp_path / "bench" / "runs" / f"reach-v3-clip-text-s{seed}" / "metrics.json",
+                       {"task": "reach-v3", "reward": "clip-text", "seed": seed, "eval_success": 0.5, "eval_return": 1.0,
+                        "env_steps": 60, "steps_per_second": 1.0, "wall_seconds": 60.0, "reward_seconds": 1.0,
+                        "curve": curve})
+    vdr.bench(vdr.make_args(bench_tasks="reach-v3", bench_modes="clip-text", bench_seeds=2), tmp_path / "bench")
+    assert loaded == [("reach-v3", 1), ("reach-v3", 2)]
 
 
 def test_bench_summarises_dm_control_by_its_return(tmp_path):

@@ -168,6 +168,7 @@ class Args:
     explore_episodes: int = arg(20, "eval-reward's random episodes: E2's centre, E6's scales, FB's exploratory data")
     video_weight: float = arg(1.0, "alpha of E6: weight of the standardised r_video (section 7)")
     fb_weight: float = arg(1.0, "beta of E6: weight of the standardised r_fb (section 7)")
+    hybrid_weight: float = arg(0.1, "gen+dense: alpha and beta are scaled by this, keeping E6 below the env's reward")
     # --- reinforcement learning (sections 8-9) ---
     reward: str = arg("dense", "the agent's reward: gen (E6, reward-free), gen+dense, dense, sparse, clip-text")
     steps: int = arg(50_000, "environment steps of training")
@@ -1985,12 +1986,19 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
 # beta = 1e-5 * r_fb to Meta-World's dense reward (0-10 per step): weights set against the raw terms'
 # scales, which depend on the VAE, d and gamma. Without an env reward to set them against, vdr puts both
 # terms on one scale, what exploring gives (mean 0, spread 1), and weighs them equally, alpha = beta = 1
-# (--video-weight, --fb-weight). A step scores above 0 when it looks more like the goal than exploring
-# does at the same step. Why mu depends on t: E2 of a random episode creeps up with t (its clip o_{0:t}
+# (--video-weight, --fb-weight). In the hybrid (gen+dense), both weights are scaled by --hybrid-weight
+# (0.1): at 1, E6 paid the agent more than the dense reward did and the hybrid fell behind dense (README).
+# A step scores above 0 when it looks more like the goal than exploring does at the same step. Why mu depends on t: E2 of a random episode creeps up with t (its clip o_{0:t}
 # fills with motion, and the goal video is all motion), a rise the agent would be paid for doing anything;
 # on button-press-topdown-v3 the rank correlation of r_video with time on random episodes is 0.85.
 # Subtracting what exploring earns at step t removes that rise. It shifts every episode's return by the
 # same amount, so it changes no ranking of episodes (AUROC) and no optimal policy.
+def e6_weights(args: Args) -> tuple[float, float]:
+    """(alpha, beta) of E6: --video-weight and --fb-weight, times --hybrid-weight in gen+dense."""
+    scale = args.hybrid_weight if args.reward == "gen+dense" else 1.0
+    return args.video_weight * scale, args.fb_weight * scale
+
+
 @dataclass
 class Goal:
     """One goal video and what every reward needs of it."""
@@ -2056,7 +2064,8 @@ class GenerativeReward:
         """E6 on the standardised terms: (T,) float32."""
         T = len(terms["r_video"])
         z = {k: (terms[k] - goal.stats[k][0][:T]) / goal.stats[k][1] for k in ("r_video", "r_fb")}
-        return (self.args.video_weight * z["r_video"] + self.args.fb_weight * z["r_fb"]).astype(np.float32)
+        alpha, beta = e6_weights(self.args)
+        return (alpha * z["r_video"] + beta * z["r_fb"]).astype(np.float32)
 
     def reward(self, episode: dict, goal: Goal) -> np.ndarray:
         return self.combine(self.terms(episode, goal), goal)
@@ -2491,7 +2500,7 @@ class SAC:
 # Reward modes (--reward), all in one loop:
 #     gen        E6 alone, reward-free: alpha * r_video + beta * r_fb, standardised (section 7); the env's
 #                reward and success flag are used only to evaluate. The default of the method.
-#     gen+dense  the paper's hybrid: Meta-World's dense reward + E6.
+#     gen+dense  the paper's hybrid: Meta-World's dense reward + E6, its weights scaled by --hybrid-weight.
 #     dense      Meta-World's hand-shaped reward (in [0, 10] per step) [2].
 #     sparse     1 at the steps where the task is solved, else 0.
 #     clip-text  VLM-RM: CLIP similarity of each frame to the task's text (section 7b).
@@ -2916,7 +2925,8 @@ def bench(args: Args, out: Path | None = None) -> dict:
     jobs, threads = [], max(1, (os.cpu_count() or 1) // args.workers)
     for task in tasks:
         if any(m in (*GEN_MODES, "clip-text") for m in modes):
-            load_video_model(dataclasses.replace(args, task=task))  # train the video model once, before the workers
+            for seed in range(1, args.bench_seeds + 1):  # each seed's video model (its key holds the seed), trained
+                load_video_model(dataclasses.replace(args, task=task, seed=seed))  # here once, not by each worker
         for mode in modes:
             for seed in range(1, args.bench_seeds + 1):
                 run_out = out / "runs" / f"{task}-{mode}-s{seed}"
