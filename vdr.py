@@ -1988,9 +1988,10 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
 # terms on one scale, what exploring gives (mean 0, spread 1), and weighs them equally, alpha = beta = 1
 # (--video-weight, --fb-weight). In the hybrid (gen+dense), both weights are scaled by --hybrid-weight
 # (0.1): at 1, E6 paid the agent more than the dense reward did and the hybrid fell behind dense (README).
-# A step scores above 0 when it looks more like the goal than exploring does at the same step. Why mu depends on t: E2 of a random episode creeps up with t (its clip o_{0:t}
-# fills with motion, and the goal video is all motion), a rise the agent would be paid for doing anything;
-# on button-press-topdown-v3 the rank correlation of r_video with time on random episodes is 0.85.
+# A step scores above 0 when it looks more like the goal than exploring does at the same step.
+# Why mu depends on t: E2 of a random episode creeps up with t (its clip o_{0:t} fills with motion, and the
+# goal video is all motion), a rise the agent would be paid for doing anything; on
+# button-press-topdown-v3 the rank correlation of r_video with time on random episodes is 0.85.
 # Subtracting what exploring earns at step t removes that rise. It shifts every episode's return by the
 # same amount, so it changes no ranking of episodes (AUROC) and no optimal policy.
 def e6_weights(args: Args) -> tuple[float, float]:
