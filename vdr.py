@@ -820,6 +820,9 @@ STOP_FRACTION = 1 / 3  # "stopped": the expert acts for this fraction of its tim
                        # after the stop (Meta-World moves it toward a mocap target); stopped at 1/2, a reach
                        # episode ends 6.6 cm from the expert's end, just outside the 5 cm success radius and
                        # ~1 px at 64 px; at 1/3, 12 cm (button, drawer: 30 cm) (measured, 5 states)
+ACTION_STREAM = 1  # "noisy" and "random" draw actions from default_rng([seed, ACTION_STREAM]), a stream of
+                   # their own: Meta-World places the object with default_rng(seed) (gymnasium's np_random), so
+                   # actions drawn from default_rng(seed) would replay those draws and point toward the object
 
 
 def behaviour_policy(env: MetaWorld, task: str, behaviour: str, seed: int, args: Args | None = None):
@@ -831,7 +834,7 @@ def behaviour_policy(env: MetaWorld, task: str, behaviour: str, seed: int, args:
     random   uniform random actions (an untrained agent, exploring)."""
     if behaviour not in BEHAVIOURS:
         raise VdrError(f"unknown behaviour {behaviour!r}; choose one of: {', '.join(BEHAVIOURS)}")
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([seed, ACTION_STREAM])
     if behaviour == "random":
         return lambda obs: rng.uniform(-1, 1, env.action_space.shape[0])
     expert = expert_policy(task, args)
@@ -864,8 +867,10 @@ def collect_demos(args: Args, task: str | None = None, episodes: int | None = No
     from tqdm import tqdm
 
     task, episodes = task or args.task, episodes or args.episodes
+    made_by = (behaviour, NOISE_STD, STOP_FRACTION)  # + the action stream of the two that draw actions
+    made_by += (ACTION_STREAM,) if behaviour in ("noisy", "random") else ()  # (expert demos keep their cache)
     path = cache_path(args, "demos", ".npz", task=task, episodes=episodes, seed0=seed0, frames=frames,
-                      behaviour=(behaviour, NOISE_STD, STOP_FRACTION), **data_key(args, task))
+                      behaviour=made_by, **data_key(args, task))
     if path.exists():
         try:
             with np.load(path) as data:
@@ -2168,7 +2173,8 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
     noisy = split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0, behaviour="noisy",
                                          progress=progress))
     fb = train_fb(args, model.clip, demos + explore + noisy, key={"clip": model.name, "demos": args.episodes,
-                  "explore": args.explore_episodes, "noise": NOISE_STD, **data_key(args)}, progress=progress)
+                  "explore": args.explore_episodes, "noise": NOISE_STD, "actions": ACTION_STREAM, **data_key(args)},
+                  progress=progress)
     held_out, behaviours = [], []
     for b in BEHAVIOURS:
         held_out += split_episodes(collect_demos(args, episodes=args.eval_videos, seed0=HELDOUT_SEED0, behaviour=b,
@@ -2647,6 +2653,15 @@ def default_out(args: Args, command: str) -> Path:
     return Path(args.out) if args.out else Path("runs") / command / f"{args.task}-{args.reward}-s{args.seed}"
 
 
+# Fields that say where a run writes and how `bench` schedules it, not what it computes: a checkpoint resumes
+# under a bench with other tasks, modes, seeds or workers, or from a copied folder.
+NOT_RUN_SETTINGS = ("out", "resume", "bench_tasks", "bench_modes", "bench_seeds", "workers")
+
+
+def run_settings(fields: dict) -> dict:
+    return {k: v for k, v in fields.items() if k not in NOT_RUN_SETTINGS}
+
+
 def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     """Train SAC on one task with the chosen reward; write metrics.json, log.jsonl, learning_curve.png,
     agent.pt under `out`. Returns the metrics dict."""
@@ -2656,7 +2671,7 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = out / "checkpoint.pt"
     resume = load_checkpoint(checkpoint) if args.resume and checkpoint.exists() else None
-    if resume is not None and resume["args"] != {**dataclasses.asdict(args), "resume": False}:
+    if resume is not None and run_settings(resume["args"]) != run_settings(dataclasses.asdict(args)):
         raise VdrError(f"{checkpoint} was written by a run with other settings; resume with the same flags "
                        "(see its args.json), or use another --out")
     if resume is not None and "reward_seconds" not in resume:  # saved before the reward was timed in parts
