@@ -2156,6 +2156,13 @@ def auroc_by_failure(rewards: dict[str, list[np.ndarray]], behaviours: list[str]
     return out
 
 
+def offline_fb_key(args: Args, model) -> dict:
+    """What offline FB's data is made of, for train_fb's cache key: the expert demos, and the exploratory
+    random and noisy episodes (from training initial states 0..explore_episodes-1)."""
+    return {"clip": model.name, "demos": args.episodes, "explore": args.explore_episodes, "noise": NOISE_STD,
+            "actions": ACTION_STREAM, **data_key(args)}
+
+
 def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     """CLI `eval-reward`: every reward (r_video, r_fb, E6's combination, and baselines) on held-out episodes
     of every behaviour, against generated and oracle goal videos. Writes metrics.json
@@ -2172,9 +2179,7 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
                                            progress=progress))
     noisy = split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0, behaviour="noisy",
                                          progress=progress))
-    fb = train_fb(args, model.clip, demos + explore + noisy, key={"clip": model.name, "demos": args.episodes,
-                  "explore": args.explore_episodes, "noise": NOISE_STD, "actions": ACTION_STREAM, **data_key(args)},
-                  progress=progress)
+    fb = train_fb(args, model.clip, demos + explore + noisy, key=offline_fb_key(args, model), progress=progress)
     held_out, behaviours = [], []
     for b in BEHAVIOURS:
         held_out += split_episodes(collect_demos(args, episodes=args.eval_videos, seed0=HELDOUT_SEED0, behaviour=b,
