@@ -822,7 +822,8 @@ STOP_FRACTION = 1 / 3  # "stopped": the expert acts for this fraction of its tim
                        # ~1 px at 64 px; at 1/3, 12 cm (button, drawer: 30 cm) (measured, 5 states)
 ACTION_STREAM = 1  # "noisy" and "random" draw actions from default_rng([seed, ACTION_STREAM]), a stream of
                    # their own: Meta-World places the object with default_rng(seed) (gymnasium's np_random), so
-                   # actions drawn from default_rng(seed) would replay those draws and point toward the object
+                   # actions drawn from default_rng(seed) would replay those draws and correlate with where the
+                   # object lies (on drawer-close, 5 of 10 held-out random episodes closed it; 2 of 10 now)
 
 
 def behaviour_policy(env: MetaWorld, task: str, behaviour: str, seed: int, args: Args | None = None):
