@@ -409,8 +409,12 @@ def save_tiny_cogvideox_i2v(path):
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>")
     text_encoder = T5EncoderModel(T5Config(vocab_size=len(words), d_model=16, d_kv=4, d_ff=32, num_layers=1,
                                            num_heads=2))
+    # Like CogVideoX-5B-I2V: rotary positions plus positions learned at one size (here 8x12
+    # latents, 32x48 pixels with TINY_VAE), not the 64x64 the tests render, as the real 480x720 is not 480x480.
     transformer = CogVideoXTransformer3DModel(**dict(TINY_DIT, text_embed_dim=16, attention_head_dim=16,
-                                                     max_text_seq_length=226, use_rotary_positional_embeddings=True))
+                                                     max_text_seq_length=226, use_rotary_positional_embeddings=True,
+                                                     use_learned_positional_embeddings=True,
+                                                     sample_height=8, sample_width=12))
     pipe = CogVideoXImageToVideoPipeline(tokenizer=tokenizer, text_encoder=text_encoder,
                                          vae=AutoencoderKLCogVideoX(**TINY_VAE), transformer=transformer,
                                          scheduler=CogVideoXDDIMScheduler(**vdr.SCHEDULER_CONFIG))
@@ -427,6 +431,7 @@ def test_paper_path_loads_finetunes_with_lora_and_generates_from_a_saved_checkpo
     assert (lora / "pytorch_lora_weights.safetensors").exists()
     model = vdr.load_video_model(args)  # the pipeline, with the LoRA adapters loaded
     assert any("lora" in n for n, _ in model.transformer.named_parameters())
+    assert not model.transformer.patch_embed.use_learned_positional_embeddings  # 64x64 is not its 32x48
     first = np.zeros((64, 64, 3), np.uint8)
     video = vdr.generate_video(model, first, vdr.task_prompt("reach-v3"), 9, seed=0, steps=2)
     assert video.shape == (9, 64, 64, 3) and video.dtype == np.uint8

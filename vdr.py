@@ -1014,7 +1014,8 @@ def clip_image_features(clip, frames: np.ndarray) -> torch.Tensor:
     if tuple(x.shape[-2:]) != tuple(size):
         x = F.interpolate(x, size=size, mode="bicubic", antialias=True, align_corners=False)
     mean, std = (torch.tensor(v, device=device).view(1, 3, 1, 1) for v in (OPENAI_DATASET_MEAN, OPENAI_DATASET_STD))
-    return clip.encode_image((x - mean) / std, normalize=True)
+    dtype = next(clip.parameters()).dtype  # a bf16 CLIP (the paper preset) takes bf16 pixels
+    return clip.encode_image(((x - mean) / std).to(dtype), normalize=True)
 
 
 def clip_text_tokens(clip, tokens: torch.Tensor) -> torch.Tensor:
@@ -1081,7 +1082,7 @@ def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: 
         return path
     seed_everything(args.seed)
     register_toy_clip(args.cache_dir)
-    clip = create_toy_clip().train()
+    clip = create_toy_clip().to(args.device).train()  # every toy model trains on args.device
     if init is not None:
         clip.load_state_dict(load_checkpoint(init))
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
@@ -1093,7 +1094,7 @@ def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: 
     def loss(gen):
         frames, texts = clip_batch(data, gen)
         image = clip_image_features(clip, frames)  # (N, D)
-        text = clip.encode_text(tokenizer(texts), normalize=True)  # (N, D)
+        text = clip.encode_text(tokenizer(texts).to(args.device), normalize=True)  # (N, D)
         return loss_fn(image, text, clip.logit_scale.exp())
 
     fit(clip, loss, args.clip_steps, lr=1e-3, seed=args.seed, state=path.with_suffix(".state"), desc="clip",
@@ -1158,7 +1159,7 @@ def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, 
         return path
     seed_everything(args.seed)
     vae = (AutoencoderKLCogVideoX(**TOY_VAE_CONFIG) if init is None else
-           load_pretrained(AutoencoderKLCogVideoX, init, "VAE").train().requires_grad_(True))
+           load_pretrained(AutoencoderKLCogVideoX, init, "VAE").train().requires_grad_(True)).to(args.device)
     all_videos = np.concatenate(list(videos.values()))  # (N_all, F, H, W, 3)
     backgrounds = np.concatenate([np.repeat(np.median(v, axis=(0, 1))[None], len(v), 0)
                                   for v in videos.values()]).astype(np.uint8)  # (N_all, H, W, 3) per task
@@ -1170,14 +1171,14 @@ def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, 
         weight = foreground_weight(frames, backgrounds[i][:, None])  # (B, 1, VAE_CLIP, H, W)
         with torch.random.fork_rng(), cpu_bf16_autocast():  # (the posterior sample uses torch's global RNG)
             torch.manual_seed(int(torch.randint(2**31, (), generator=gen)))
-            return vae_loss(vae, to_video_tensor(frames), weight)
+            return vae_loss(vae, to_video_tensor(frames).to(args.device), weight.to(args.device))
 
     fit(vae, loss, args.vae_steps, lr=1e-3, seed=args.seed, state=path.with_suffix(".state"), desc="vae",
         progress=progress)
     with torch.no_grad():  # scaling factor = 1 / std of the latents of (up to) 64 training videos
         vae.eval()
         sample = to_video_tensor(all_videos[:: max(1, len(all_videos) // 64)])
-        std = torch.cat([vae.encode(v[None]).latent_dist.mean for v in sample]).std().item()
+        std = torch.cat([vae.encode(v[None].to(args.device)).latent_dist.mean for v in sample]).std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
     return atomic_dir(path, vae.save_pretrained)
 
@@ -1247,7 +1248,7 @@ def sample_latents(transformer, scheduler, image_latents, prompt_embeds, num_lat
     for t in scheduler.timesteps:
         model_input = torch.cat([latents, image_latents], dim=2)  # (B, k+1, 2C, h, w)
         model_pred = transformer(hidden_states=model_input, encoder_hidden_states=prompt_embeds,
-                                 timestep=t.expand(B), return_dict=False)[0]
+                                 timestep=t.expand(B).to(latents.device), return_dict=False)[0]
         latents = scheduler.step(model_pred, t, latents, return_dict=False)[0]  # x_t -> x_{t-1}
     return latents
 
@@ -1350,7 +1351,8 @@ class VideoModel:
         if self.pipe is not None:
             return self.pipe.encode_prompt(prompts, do_classifier_free_guidance=False,
                                            device=self.transformer.device)[0]
-        return clip_text_tokens(self.clip, self.tokenizer(prompts).to(self.vae.device)).to(self.transformer.dtype)
+        tokens = self.tokenizer(prompts).to(next(self.clip.parameters()).device)  # (B, L)
+        return clip_text_tokens(self.clip, tokens).to(self.transformer.device, self.transformer.dtype)
 
 
 def train_dit(args: Args, model: VideoModel, videos: dict[str, np.ndarray], steps: int, lr: float, path: Path,
@@ -1399,7 +1401,8 @@ def load_toy_model(args: Args, path: Path) -> VideoModel:
     transformer = load_pretrained(CogVideoXTransformer3DModel, path, "DiT", subfolder="transformer")
     scheduler = load_pretrained(CogVideoXDDIMScheduler, path, "scheduler", subfolder="scheduler")
     clip, tokenizer = load_clip(args, path / "clip.pt")
-    return VideoModel(vae.eval().requires_grad_(False), transformer.eval(), scheduler, clip, tokenizer, name=path.name)
+    return VideoModel(vae.to(args.device).eval().requires_grad_(False), transformer.to(args.device).eval(), scheduler,
+                      clip, tokenizer, name=path.name)
 
 
 def pretrain(args: Args, out: Path | None = None, progress: bool = True) -> Path:
@@ -1421,8 +1424,8 @@ def pretrain(args: Args, out: Path | None = None, progress: bool = True) -> Path
     if not path.exists():
         seed_everything(args.seed)
         clip, tokenizer = load_clip(args, clip_path)
-        vae = load_pretrained(AutoencoderKLCogVideoX, vae_path, "VAE").eval()
-        model = VideoModel(vae, CogVideoXTransformer3DModel(**TOY_DIT_CONFIG),
+        vae = load_pretrained(AutoencoderKLCogVideoX, vae_path, "VAE").to(args.device).eval()
+        model = VideoModel(vae, CogVideoXTransformer3DModel(**TOY_DIT_CONFIG).to(args.device),
                            CogVideoXDDIMScheduler(**SCHEDULER_CONFIG), clip, tokenizer)
         losses = train_dit(args, model, videos, args.dit_steps, args.dit_lr, path, "pretrain dit", progress)
         save_toy_model(model, path, losses)
@@ -1456,7 +1459,7 @@ def finetune(args: Args, out: Path | None = None, progress: bool = True) -> Path
             if new_domain:
                 from diffusers import AutoencoderKLCogVideoX
                 model.clip, _ = load_clip(args, new_domain["clip"])
-                model.vae = load_pretrained(AutoencoderKLCogVideoX, new_domain["vae"], "VAE").eval()
+                model.vae = load_pretrained(AutoencoderKLCogVideoX, new_domain["vae"], "VAE").to(args.device).eval()
                 model.vae.requires_grad_(False)
             losses = train_dit(args, model, videos, args.finetune_steps, args.finetune_lr, path,
                                f"finetune {args.task}", progress)
@@ -1479,7 +1482,24 @@ def load_pipeline(args: Args):
     pipe = load_pretrained(CogVideoXImageToVideoPipeline, args.video_model, "video model",
                            dtype=getattr(torch, args.dtype))
     pipe.vae.enable_slicing()  # encode/decode one video of a batch at a time: 49 frames at 480 px are large
+    drop_learned_positions(pipe.transformer, args.image_size, pipe.vae_scale_factor_spatial)
     return pipe.to(args.device)
+
+
+def drop_learned_positions(transformer, image_size: int, vae_scale: int) -> bool:
+    """CogVideoX-5B-I2V (1.0) adds positional embeddings that it learned for 480x720 frames only (60x90
+    latents), and diffusers refuses to run it at any other size. vdr's frames are square (480x480 in the
+    paper preset, as the paper code's), so such a checkpoint drops them and keeps its 3D rotary positions,
+    which fit any size; the LoRA finetune adapts to the change, and generation drops them the same way.
+    CogVideoX's I2V LoRA trainers do this to train at other sizes (their --ignore_learned_positional_embeddings).
+    Returns whether it dropped them."""
+    cfg = transformer.config
+    native = (cfg.sample_height * vae_scale, cfg.sample_width * vae_scale)  # (H, W) in pixels
+    if not cfg.use_learned_positional_embeddings or native == (image_size, image_size):
+        return False
+    del transformer.patch_embed.pos_embedding  # (1, L, D) buffer, fixed to the native grid
+    transformer.patch_embed.use_learned_positional_embeddings = False
+    return True
 
 
 def lora_path(args: Args) -> Path:
