@@ -137,6 +137,16 @@ def test_expert_demos_succeed_and_are_cached(tmp_path):
     np.testing.assert_array_equal(demos["frames"], again["frames"])
 
 
+def test_a_cache_folder_written_twice_keeps_the_first(tmp_path):
+    """Two processes that build one cache entry at once (two runs finetuning one model): the second
+    finds the folder there and keeps it, where os.replace alone raised 'Directory not empty'."""
+    from pathlib import Path
+    first = vdr.atomic_dir(tmp_path / "entry", lambda tmp: (Path(tmp) / "w").write_text("first"))
+    again = vdr.atomic_dir(tmp_path / "entry", lambda tmp: (Path(tmp) / "w").write_text("second"))
+    assert again == first and (first / "w").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["entry"]  # the second's temporary folder is gone
+
+
 def test_corrupt_demo_cache_is_a_clear_error(tmp_path):
     args = tiny_args(tmp_path, episodes=1, episode_length=5)
     vdr.collect_demos(args, progress=False)

@@ -311,7 +311,11 @@ def atomic_dir(path: Path, write) -> Path:
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
     try:
         write(tmp)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # the folder exists: another process wrote it first (two runs finetuning one model)
+            if not path.is_dir():  # a cache entry is a function of its key, so theirs is as good as ours
+                raise
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
