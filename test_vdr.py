@@ -447,6 +447,17 @@ def test_paper_path_loads_finetunes_with_lora_and_generates_from_a_saved_checkpo
     assert video.shape == (9, 64, 64, 3) and video.dtype == np.uint8
 
 
+def test_learned_positions_are_dropped_only_off_the_native_size():
+    from diffusers import CogVideoXTransformer3DModel
+    transformer = CogVideoXTransformer3DModel(**dict(TINY_DIT, use_rotary_positional_embeddings=True,
+                                                     use_learned_positional_embeddings=True,
+                                                     sample_height=8, sample_width=8))  # 32x32 px with a 4x VAE
+    assert not vdr.drop_learned_positions(transformer, image_size=32, vae_scale=4)  # native: kept
+    assert transformer.patch_embed.use_learned_positional_embeddings
+    assert vdr.drop_learned_positions(transformer, image_size=64, vae_scale=4)
+    assert not hasattr(transformer.patch_embed, "pos_embedding")
+
+
 def test_unknown_video_model_is_a_clear_error(tmp_path):
     with pytest.raises(vdr.VdrError, match="could not load the video model"):
         vdr.load_video_model(video_args(tmp_path, video_model=str(tmp_path / "nowhere")), finetuned=False)
