@@ -456,6 +456,7 @@ def test_learned_positions_are_dropped_only_off_the_native_size():
     assert transformer.patch_embed.use_learned_positional_embeddings
     assert vdr.drop_learned_positions(transformer, image_size=64, vae_scale=4)
     assert not hasattr(transformer.patch_embed, "pos_embedding")
+    assert not vdr.drop_learned_positions(transformer, image_size=64, vae_scale=4)  # already dropped: no-op
 
 
 def test_unknown_video_model_is_a_clear_error(tmp_path):

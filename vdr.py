@@ -1499,7 +1499,8 @@ def drop_learned_positions(transformer, image_size: int, vae_scale: int) -> bool
     Returns whether it dropped them."""
     cfg = transformer.config
     native = (cfg.sample_height * vae_scale, cfg.sample_width * vae_scale)  # (H, W) in pixels
-    if not cfg.use_learned_positional_embeddings or native == (image_size, image_size):
+    # the patch embedding's flag, not the config's (which keeps saying True): a second call is a no-op
+    if not transformer.patch_embed.use_learned_positional_embeddings or native == (image_size, image_size):
         return False
     del transformer.patch_embed.pos_embedding  # (1, L, D) buffer, fixed to the native grid
     transformer.patch_embed.use_learned_positional_embeddings = False
