@@ -49,6 +49,8 @@ def test_every_args_field_is_a_cli_flag_with_help():
     (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of: tiny, paper"),
     (["collect", "--episodes", "0"], "--episodes must be positive"),
     (["collect", "--episode-length", "600"], "over Meta-World's limit of 500"),
+    (["bench", "--bench-seeds", "2,2"], "--bench-seeds must be a count such as 3 or distinct positive seeds"),
+    (["bench", "--bench-seeds", "two"], "--bench-seeds must be a count such as 3 or distinct positive seeds"),
 ])
 def test_user_errors_are_one_clear_line(argv, message, capsys):
     assert vdr.main(argv) == 2
@@ -866,14 +868,19 @@ def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):
 def test_bench_trains_each_seeds_video_model_before_the_workers(tmp_path, monkeypatch):
     loaded = []  # the video model's key holds the seed: workers must not each train the same one
     monkeypatch.setattr(vdr, "load_video_model", lambda args: loaded.append((args.task, args.seed)))
-    for seed in (1, 2):  # both runs finished already, so no worker starts
+    for seed in (1, 2, 3):  # every run finished already, so no worker starts
         curve = [{"env_steps": 60, "eval/success": 0.5, "eval/return": 1.0}]
         vdr.write_json(tmp_path / "bench" / "runs" / f"reach-v3-clip-text-s{seed}" / "metrics.json",
                        {"task": "reach-v3", "reward": "clip-text", "seed": seed, "eval_success": 0.5, "eval_return": 1.0,
                         "env_steps": 60, "steps_per_second": 1.0, "wall_seconds": 60.0, "reward_seconds": 1.0,
                         "curve": curve})
-    vdr.bench(vdr.make_args(bench_tasks="reach-v3", bench_modes="clip-text", bench_seeds=2), tmp_path / "bench")
+    vdr.bench(vdr.make_args(bench_tasks="reach-v3", bench_modes="clip-text", bench_seeds="2"), tmp_path / "bench")
     assert loaded == [("reach-v3", 1), ("reach-v3", 2)]
+    loaded.clear()  # seeds named with commas: a bench's seeds 2-3 alone, e.g. run on another machine
+    vdr.bench(vdr.make_args(bench_tasks="reach-v3", bench_modes="clip-text", bench_seeds="3,2"), tmp_path / "bench")
+    assert loaded == [("reach-v3", 3), ("reach-v3", 2)]
+    assert (tmp_path / "bench" / "results.csv").read_text().count("reach-v3,clip-text,") == 2
+    assert vdr.bench_seed_list("3,") == [3] and vdr.bench_seed_list(2) == [1, 2]
 
 
 def test_bench_summarises_dm_control_by_its_return(tmp_path):

@@ -194,7 +194,8 @@ class Args:
     # button-press-topdown-v3 and drawer-open-v3 (README: results), which --bench-tasks can still name.
     bench_tasks: str = arg("reach-v3,button-press-v3,drawer-close-v3", "bench: comma-separated tasks")
     bench_modes: str = arg("gen,gen+dense,dense,sparse,clip-text", "bench: comma-separated reward modes")
-    bench_seeds: int = arg(3, "bench: seeds per task and mode (1..N)")
+    bench_seeds: str = arg("3", "bench: seeds per task and mode: a count N (seeds 1..N), or the seeds with commas, "
+                                "e.g. 2,3 or 3, (to add seeds to a bench, or split one across machines)")
     workers: int = arg(1, "bench: training runs at once, each in its own process with cores/workers threads")
     eval_every: int = arg(5_000, "environment steps between evaluations")
     eval_episodes: int = arg(30, "episodes per evaluation (deterministic actions, held-out initial states)")
@@ -260,10 +261,11 @@ def check_args(args: Args) -> None:
         if mode not in REWARD_MODES:
             raise VdrError(f"unknown reward mode {mode!r} in --bench-modes; choose from: {', '.join(REWARD_MODES)}")
     check_distractions(args.distraction, args.difficulty)
+    bench_seed_list(args.bench_seeds)
     if args.video_clip not in VIDEO_CLIP_MODES:
         raise VdrError(f"unknown --video-clip {args.video_clip!r}; choose one of: {', '.join(VIDEO_CLIP_MODES)}")
     for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes", "fb_steps",
-                 "fb_batch", "reward_every", "explore_episodes", "fb_every", "bench_seeds", "workers"):
+                 "fb_batch", "reward_every", "explore_episodes", "fb_every", "workers"):
         if getattr(args, name) <= 0:
             raise VdrError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.video_frames % 8 != 1:  # 4k+1 frames -> k+1 latent frames, and k+1 must be odd (see section 3)
@@ -2956,6 +2958,17 @@ def plot_reward_vs_time(curves: dict[str, dict[str, np.ndarray]], path: Path, ta
 
 
 # ---- the benchmark: tasks x reward modes x seeds, in parallel processes, resumable ----
+def bench_seed_list(spec: str | int) -> list[int]:
+    """--bench-seeds: '3' -> [1, 2, 3] (a count); '2,3' -> [2, 3] and '3,' -> [3] (the seeds themselves)."""
+    try:
+        seeds = [int(p) for p in str(spec).split(",") if p.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) <= 0 or len(set(seeds)) < len(seeds) or ("," not in str(spec) and len(seeds) > 1):
+        raise VdrError(f"--bench-seeds must be a count such as 3 or distinct positive seeds such as 2,3; got {spec!r}")
+    return seeds if "," in str(spec) else list(range(1, seeds[0] + 1))
+
+
 def bench_run(job: tuple) -> dict:
     """One training run of the bench, in a worker process: (args, out, threads) -> its metrics."""
     args, out, threads = job
@@ -2964,26 +2977,26 @@ def bench_run(job: tuple) -> dict:
 
 
 def bench(args: Args, out: Path | None = None) -> dict:
-    """CLI `bench`: train every (task, reward mode, seed) of --bench-tasks x --bench-modes x 1..--bench-seeds
+    """CLI `bench`: train every (task, reward mode, seed) of --bench-tasks x --bench-modes x --bench-seeds
     for --steps env steps. Finished runs are skipped and interrupted ones resume, so rerunning the command
     continues the bench. Writes results.csv (a row per run), summary.md, and curves_<task>.png."""
     import csv
     import multiprocessing
     from tqdm import tqdm
     out = Path(out or Path("runs") / "bench")
-    tasks, modes = args.bench_tasks.split(","), args.bench_modes.split(",")
+    tasks, modes, seeds = args.bench_tasks.split(","), args.bench_modes.split(","), bench_seed_list(args.bench_seeds)
     jobs, threads = [], max(1, (os.cpu_count() or 1) // args.workers)
     for task in tasks:
         if any(m in (*GEN_MODES, "clip-text") for m in modes):
-            for seed in range(1, args.bench_seeds + 1):  # each seed's video model (its key holds the seed), trained
+            for seed in seeds:  # each seed's video model (its key holds the seed), trained
                 load_video_model(dataclasses.replace(args, task=task, seed=seed))  # here once, not by each worker
         for mode in modes:
-            for seed in range(1, args.bench_seeds + 1):
+            for seed in seeds:
                 run_out = out / "runs" / f"{task}-{mode}-s{seed}"
                 if not (run_out / "metrics.json").exists():
                     run_args = dataclasses.replace(args, task=task, reward=mode, seed=seed, resume=True)
                     jobs.append((run_args, run_out, threads))
-    print(f"bench: {len(tasks)} tasks x {len(modes)} modes x {args.bench_seeds} seeds, {args.steps} steps each; "
+    print(f"bench: {len(tasks)} tasks x {len(modes)} modes x {len(seeds)} seeds, {args.steps} steps each; "
           f"{len(jobs)} runs to do, {args.workers} at a time with {threads} threads each")
     if jobs:
         with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
@@ -2992,7 +3005,7 @@ def bench(args: Args, out: Path | None = None) -> dict:
     rows = []
     for task in tasks:
         for mode in modes:
-            for seed in range(1, args.bench_seeds + 1):
+            for seed in seeds:
                 m = json.loads((out / "runs" / f"{task}-{mode}-s{seed}" / "metrics.json").read_text())
                 keys = ("task", "reward", "seed", "eval_success", "eval_return", "env_steps", "steps_per_second",
                         "wall_seconds", "reward_seconds")
@@ -3006,7 +3019,7 @@ def bench(args: Args, out: Path | None = None) -> dict:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader(); writer.writerows(rows)
     atomic_write(out / "results.csv", write_csv)
-    lines = [f"# vdr bench: SAC, {args.steps} env steps, {args.bench_seeds} seeds, evaluated at the end: success "
+    lines = [f"# vdr bench: SAC, {args.steps} env steps, seeds {', '.join(map(str, seeds))}, evaluated at the end: success "
              f"rate (Meta-World) or the task's return (dm_control), mean ± std over seeds\n",
              "| task | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
     summary = {}
