@@ -50,6 +50,7 @@ def test_every_args_field_is_a_cli_flag_with_help():
     (["collect", "--episodes", "0"], "--episodes must be positive"),
     (["collect", "--episode-length", "600"], "over Meta-World's limit of 500"),
     (["bench", "--bench-seeds", "2,2"], "--bench-seeds must be a count such as 3 or distinct positive seeds"),
+    (["report", "--out", "no-such-run"], "report needs --out RUN, the folder of a finished `train` or main job"),
     (["bench", "--bench-seeds", "two"], "--bench-seeds must be a count such as 3 or distinct positive seeds"),
 ])
 def test_user_errors_are_one_clear_line(argv, message, capsys):
@@ -847,6 +848,14 @@ def test_main_job_runs_the_pipeline_and_writes_the_report(tmp_path, tiny_video_m
     assert metrics["report"]["expert"]["success"] == 1.0 and "gen_return" in metrics["report"]["agent"]
     for name in ("learning_curve.png", "rollout.gif", "goal_video.gif", "goal_frame.png", "reward_vs_time.png"):
         assert (tmp_path / "run" / name).stat().st_size > 1000, name
+    # `report` on the finished folder, over 2 held-out states: each term's standardised return, and E6 their sum
+    assert vdr.main(["report", "--out", str(tmp_path / "run"), "--report-states", "2"]) == 0
+    assert "| episode | success | env_return | r_video_std_return | r_fb_std_return | gen_return |" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "run" / "report.json").read_text())
+    assert saved["held_out_states"] == 2 and set(saved["report"]) == {"agent", "expert", "random"}
+    assert saved["report"]["expert"]["success"] in (0.0, 0.5, 1.0)  # a mean over the 2 states' episodes
+    for m in saved["report"].values():  # gen: alpha = beta = 1
+        assert m["gen_return"] == pytest.approx(m["r_video_std_return"] + m["r_fb_std_return"], rel=1e-4, abs=1e-3)
 
 
 def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):

@@ -199,6 +199,7 @@ class Args:
     workers: int = arg(1, "bench: training runs at once, each in its own process with cores/workers threads")
     eval_every: int = arg(5_000, "environment steps between evaluations")
     eval_episodes: int = arg(30, "episodes per evaluation (deterministic actions, held-out initial states)")
+    report_states: int = arg(1, "report: held-out initial states whose episodes it averages (its figures: the first)")
 
 
 PRESETS = {
@@ -265,7 +266,7 @@ def check_args(args: Args) -> None:
     if args.video_clip not in VIDEO_CLIP_MODES:
         raise VdrError(f"unknown --video-clip {args.video_clip!r}; choose one of: {', '.join(VIDEO_CLIP_MODES)}")
     for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes", "fb_steps",
-                 "fb_batch", "reward_every", "explore_episodes", "fb_every", "workers"):
+                 "fb_batch", "reward_every", "explore_episodes", "fb_every", "workers", "report_states"):
         if getattr(args, name) <= 0:
             raise VdrError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.video_frames % 8 != 1:  # 4k+1 frames -> k+1 latent frames, and k+1 must be odd (see section 3)
@@ -2097,10 +2098,14 @@ class GenerativeReward:
                               goal.features).numpy()  # r_fb(s_t, a_t), t = 0..T-1
         return {"r_video": r_video, "r_fb": r_fb.astype(np.float32)}
 
+    def standardise(self, terms: dict[str, np.ndarray], goal: Goal) -> dict[str, np.ndarray]:
+        """Each term on exploring's scale, (r(t) - mu(t)) / sigma: {name: (T,)}."""
+        T = len(terms["r_video"])
+        return {k: (terms[k] - goal.stats[k][0][:T]) / goal.stats[k][1] for k in ("r_video", "r_fb")}
+
     def combine(self, terms: dict[str, np.ndarray], goal: Goal) -> np.ndarray:
         """E6 on the standardised terms: (T,) float32."""
-        T = len(terms["r_video"])
-        z = {k: (terms[k] - goal.stats[k][0][:T]) / goal.stats[k][1] for k in ("r_video", "r_fb")}
+        z = self.standardise(terms, goal)
         alpha, beta = e6_weights(self.args)
         return (alpha * z["r_video"] + beta * z["r_fb"]).astype(np.float32)
 
@@ -2688,7 +2693,7 @@ def default_out(args: Args, command: str) -> Path:
 
 # Fields that say where a run writes and how `bench` schedules it, not what it computes: a checkpoint resumes
 # under a bench with other tasks, modes, seeds or workers, or from a copied folder.
-NOT_RUN_SETTINGS = ("out", "resume", "bench_tasks", "bench_modes", "bench_seeds", "workers")
+NOT_RUN_SETTINGS = ("out", "resume", "bench_tasks", "bench_modes", "bench_seeds", "workers", "report_states")
 
 
 def run_settings(fields: dict) -> dict:
@@ -2896,8 +2901,10 @@ def run(args: Args, out: Path | None = None) -> dict:
     print(f"\n{args.task} [{args.reward} reward]: eval success {metrics['eval_success']:.2f}, "
           f"eval return {metrics['eval_return']:.0f} after {metrics['env_steps']} env steps "
           f"({metrics['steps_per_second']:.0f} steps/s); whole pipeline {metrics['pipeline_seconds'] / 60:.1f} min")
+    where = (f"episode from held-out state {EVAL_SEED0}" if args.report_states == 1 else
+             f"episodes, mean of {args.report_states} held-out states")
     for name, m in metrics.get("report", {}).items():
-        print(f"  {name:8s} episode from held-out state {EVAL_SEED0}: success {m['success']:.0f}, env return "
+        print(f"  {name:8s} {where}: success {m['success']:g}, env return "
               f"{m['env_return']:.0f}" + (f", generative return {m['gen_return']:+.0f}" if "gen_return" in m else ""))
     print(f"report -> {out}: learning_curve.png, rollout.gif" +
           (", goal_video.gif, goal_frame.png, reward_vs_time.png" if args.reward in GEN_MODES else "") +
@@ -2907,39 +2914,75 @@ def run(args: Args, out: Path | None = None) -> dict:
 
 @torch.no_grad()
 def report(args: Args, out: Path) -> dict:
-    """The trained agent, the scripted expert and a random policy from one held-out initial state: the
-    agent's rollout GIF and, in the generative modes, the goal video generated from that state, E3's goal
-    frame, and each episode's r_video, r_fb and E6 over time against that goal. -> {"report": {...}}."""
+    """The trained agent, the scripted expert and a random policy from --report-states held-out initial
+    states (the main job: one). From the first state: the agent's rollout GIF and, in the generative modes, the
+    goal video generated from it, E3's goal frame, and each episode's r_video, r_fb and E6 over time against
+    that goal. Per behaviour, averaged over the states: success, env return and, in the generative modes, E6's
+    return and each term's standardised return (before E6's weights). -> {"report": {behaviour: {...}}}."""
     with make_env(args) as env:
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         agent = SAC(obs_dim, act_dim, args)
         agent.load_state_dict(load_checkpoint(out / "agent.pt"))
-        policies = {"agent": lambda o: agent.act(o, deterministic=True),
-                    "expert": behaviour_policy(env, args.task, "expert", EVAL_SEED0, args),
-                    "random": behaviour_policy(env, args.task, "random", EVAL_SEED0, args)}
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", "Constant", UserWarning)  # the expert's gains clip at 1, harmlessly
-            episodes = {name: rollout(env, policy, EVAL_SEED0) for name, policy in policies.items()}
-    save_gif(np.repeat(np.repeat(episodes["agent"]["frames"][::2], 2, axis=1), 2, axis=2),  # 2x upscaled
+        states = []  # per held-out initial state: {behaviour: episode}
+        for seed in range(EVAL_SEED0, EVAL_SEED0 + args.report_states):
+            policies = {"agent": lambda o: agent.act(o, deterministic=True),
+                        "expert": behaviour_policy(env, args.task, "expert", seed, args),
+                        "random": behaviour_policy(env, args.task, "random", seed, args)}
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "Constant", UserWarning)  # the expert's gains clip at 1, harmlessly
+                states.append({name: rollout(env, policy, seed) for name, policy in policies.items()})
+    save_gif(np.repeat(np.repeat(states[0]["agent"]["frames"][::2], 2, axis=1), 2, axis=2),  # 2x upscaled
              out / "rollout.gif", fps=16)  # every other env step, 16 fps: a 150-step episode plays in ~5 s
-    result = {name: {"success": float(ep["success"].any()), "env_return": float(ep["env_rewards"].sum())}
-              for name, ep in episodes.items()}
+    rows = [{name: {"success": float(ep["success"].any()), "env_return": float(ep["env_rewards"].sum())}
+             for name, ep in episodes.items()} for episodes in states]
     if args.reward in GEN_MODES:
         model, saved = load_video_model(args), load_checkpoint(out / "reward.pt")
         fb = FB(obs_dim, act_dim, saved["fb"]["B.net.0.weight"].shape[1], seed=args.seed)  # psi's width
         fb.load_state_dict(saved["fb"])
         reward = GenerativeReward(args, model.vae, model.clip, model.tokenizer, fb, state=saved["reward"])
-        goal = reward.goal(generate_video(model, episodes["agent"]["frames"][0], task_prompt(args.task),
-                                          args.video_frames, seed=args.seed, steps=args.sample_steps))
-        save_gif(np.repeat(np.repeat(goal.video, 2, axis=1), 2, axis=2), out / "goal_video.gif")
-        plot_goal_frames([goal], out / "goal_frame.png")
-        curves = {}
-        for name, ep in episodes.items():
-            terms = reward.terms(ep, goal)
-            curves[name] = terms | {"E6": reward.combine(terms, goal)}
-            result[name]["gen_return"] = float(curves[name]["E6"].sum())
-        plot_reward_vs_time(curves, out / "reward_vs_time.png", args.task)
-    return {"report": result}
+        for i, episodes in enumerate(states):
+            goal = reward.goal(generate_video(model, episodes["agent"]["frames"][0], task_prompt(args.task),
+                                              args.video_frames, seed=args.seed, steps=args.sample_steps))
+            curves = {}
+            for name, ep in episodes.items():
+                terms = reward.terms(ep, goal)
+                curves[name] = terms | {"E6": reward.combine(terms, goal)}
+                z = reward.standardise(terms, goal)
+                rows[i][name] |= {"r_video_std_return": float(z["r_video"].sum()),
+                                  "r_fb_std_return": float(z["r_fb"].sum()), "gen_return": float(curves[name]["E6"].sum())}
+            if i == 0:
+                save_gif(np.repeat(np.repeat(goal.video, 2, axis=1), 2, axis=2), out / "goal_video.gif")
+                plot_goal_frames([goal], out / "goal_frame.png")
+                plot_reward_vs_time(curves, out / "reward_vs_time.png", args.task)
+    return {"report": {name: {k: float(np.mean([row[name][k] for row in rows])) for k in rows[0][name]}
+                       for name in rows[0]}}
+
+
+def report_run(args: Args, out: Path | None = None) -> dict:
+    """CLI `report --out RUN`: the report of a finished `train` or main-job folder, under the run's own
+    settings (its args.json); only --report-states and --device are read from the command line. Writes
+    report.json and the report's figures into RUN and prints the table the README's per-term rows come from."""
+    if out is None or not (out / "args.json").exists() or not (out / "agent.pt").exists():
+        raise VdrError(f"report needs --out RUN, the folder of a finished `train` or main job (with args.json and "
+                       f"agent.pt); got {out or 'no --out'}")
+    stored = json.loads((out / "args.json").read_text())
+    known = {f.name for f in dataclasses.fields(Args)}  # a folder from an older vdr may hold retired fields
+    run_args = make_args(**{k: v for k, v in stored.items() if k in known} |
+                         dict(report_states=args.report_states, device=args.device))
+    print(f"report of {out}, with the run's settings (its args.json): task {run_args.task}, reward {run_args.reward}, "
+          f"seed {run_args.seed}")
+    result = report(run_args, out)["report"]
+    write_json(out / "report.json", {"held_out_states": run_args.report_states, "report": result})
+    columns = [k for k in ("success", "env_return", "r_video_std_return", "r_fb_std_return", "gen_return")
+               if k in result["agent"]]
+    weights = " (alpha, beta = {:g}, {:g})".format(*e6_weights(run_args)) if "gen_return" in columns else ""
+    print(f"mean of {run_args.report_states} held-out initial state(s); r_video and r_fb standardised as E6 sees "
+          f"them, then weighted into E6{weights}\n"
+          "| episode | " + " | ".join(columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
+    formats = {"success": "{:.2f}", "env_return": "{:.0f}"}  # the rewards' returns: signed, "{:+.0f}"
+    for name, values in result.items():
+        print(f"| {name} | " + " | ".join(formats.get(k, "{:+.0f}").format(values[k]) for k in columns) + " |")
+    return result
 
 
 def plot_reward_vs_time(curves: dict[str, dict[str, np.ndarray]], path: Path, task: str) -> Path:
@@ -3019,8 +3062,8 @@ def bench(args: Args, out: Path | None = None) -> dict:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader(); writer.writerows(rows)
     atomic_write(out / "results.csv", write_csv)
-    lines = [f"# vdr bench: SAC, {args.steps} env steps, seeds {', '.join(map(str, seeds))}, evaluated at the end: success "
-             f"rate (Meta-World) or the task's return (dm_control), mean ± std over seeds\n",
+    lines = [f"# vdr bench: SAC, {args.steps} env steps, seeds {', '.join(map(str, seeds))}, evaluated at the end: "
+             f"success rate (Meta-World) or the task's return (dm_control), mean ± std over seeds\n",
              "| task | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
     summary = {}
     for task in tasks:
@@ -3082,6 +3125,7 @@ COMMANDS = {
     "eval-video": (eval_video, "score generated goal videos against the expert's real videos, with baselines"),
     "eval-reward": (eval_reward, "judge every reward (r_video, r_fb, E6, baselines) on held-out episodes"),
     "train": (train, "train SAC on a task with a reward mode; write metrics.json and a learning curve"),
+    "report": (report_run, "a finished run's agent, expert and random episodes on held-out states, per reward term"),
     "bench": (bench, "SAC on tasks x reward modes x seeds, in parallel, resumable; results.csv and summary.md"),
 }
 
