@@ -2947,9 +2947,10 @@ def report(args: Args, out: Path) -> dict:
             for name, ep in episodes.items():
                 terms = reward.terms(ep, goal)
                 curves[name] = terms | {"E6": reward.combine(terms, goal)}
-                z = reward.standardise(terms, goal)
+                z = reward.standardise(terms, goal)  # each term before E6's weights
                 rows[i][name] |= {"r_video_std_return": float(z["r_video"].sum()),
-                                  "r_fb_std_return": float(z["r_fb"].sum()), "gen_return": float(curves[name]["E6"].sum())}
+                                  "r_fb_std_return": float(z["r_fb"].sum()),
+                                  "gen_return": float(curves[name]["E6"].sum())}
             if i == 0:
                 save_gif(np.repeat(np.repeat(goal.video, 2, axis=1), 2, axis=2), out / "goal_video.gif")
                 plot_goal_frames([goal], out / "goal_frame.png")
