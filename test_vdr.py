@@ -640,7 +640,8 @@ def test_e6_weighs_the_standardised_terms_and_the_hybrid_scales_them_down():
     goal = SimpleNamespace(stats={"r_video": (np.array([1.0, 1.0]), 2.0), "r_fb": (np.array([0.0, 5.0]), 5.0)})
 
     def e6(**settings):  # z_video = [0, 1], z_fb = [2, 1]: (r - mu(t)) / sigma
-        return vdr.GenerativeReward.combine(SimpleNamespace(args=vdr.make_args(**settings)), terms, goal)
+        reward = SimpleNamespace(args=vdr.make_args(**settings), standardise=vdr.GenerativeReward.standardise)
+        return vdr.GenerativeReward.combine(reward, terms, goal)
     np.testing.assert_allclose(e6(reward="gen"), [2.0, 2.0])
     np.testing.assert_allclose(e6(reward="gen", fb_weight=0.0), [0.0, 1.0])
     np.testing.assert_allclose(e6(reward="gen+dense"), [0.2, 0.2])  # --hybrid-weight 0.1

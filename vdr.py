@@ -2098,7 +2098,8 @@ class GenerativeReward:
                               goal.features).numpy()  # r_fb(s_t, a_t), t = 0..T-1
         return {"r_video": r_video, "r_fb": r_fb.astype(np.float32)}
 
-    def standardise(self, terms: dict[str, np.ndarray], goal: Goal) -> dict[str, np.ndarray]:
+    @staticmethod
+    def standardise(terms: dict[str, np.ndarray], goal: Goal) -> dict[str, np.ndarray]:
         """Each term on exploring's scale, (r(t) - mu(t)) / sigma: {name: (T,)}."""
         T = len(terms["r_video"])
         return {k: (terms[k] - goal.stats[k][0][:T]) / goal.stats[k][1] for k in ("r_video", "r_fb")}
