@@ -3009,7 +3009,7 @@ def bench_seed_list(spec: str | int) -> list[int]:
         seeds = [int(p) for p in str(spec).split(",") if p.strip()]
     except ValueError:
         seeds = []
-    if not seeds or min(seeds) <= 0 or len(set(seeds)) < len(seeds) or ("," not in str(spec) and len(seeds) > 1):
+    if not seeds or min(seeds) <= 0 or len(set(seeds)) < len(seeds):
         raise VdrError(f"--bench-seeds must be a count such as 3 or distinct positive seeds such as 2,3; got {spec!r}")
     return seeds if "," in str(spec) else list(range(1, seeds[0] + 1))
 
