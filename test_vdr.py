@@ -738,9 +738,9 @@ def test_replay_buffer_wraps_around():
 
 def test_sparse_and_dense_rewards():
     episode = {"env_rewards": np.array([0.5, 2.0, 9.0], np.float32), "success": np.array([False, True, True])}
-    [(_, sparse)] = vdr.EpisodeRewards(vdr.make_args(reward="sparse"), 39, 4)(episode, step=2)
+    [(_, sparse, _)] = vdr.EpisodeRewards(vdr.make_args(reward="sparse"), 39, 4)(episode, step=2)
     np.testing.assert_array_equal(sparse, [0, 1, 1])
-    [(_, dense)] = vdr.EpisodeRewards(vdr.make_args(reward="dense"), 39, 4)(episode, step=2)
+    [(_, dense, _)] = vdr.EpisodeRewards(vdr.make_args(reward="dense"), 39, 4)(episode, step=2)
     np.testing.assert_array_equal(dense, episode["env_rewards"])
 
 
@@ -778,6 +778,16 @@ def test_reward_modes_that_see_frames_train_past_learning_starts(tmp_path, tiny_
     updates = [r for r in log if "losses/qf1_loss" in r]
     assert updates and all(np.isfinite(r["losses/qf1_loss"]) for r in updates)
     assert sum("charts/episodic_return" in r for r in log) == 240 // 40
+    returns = [r for r in log if "charts/reward_return" in r]  # each episode's, once it was scored
+    assert len(returns) == 240 // 40 and all(("charts/r_fb_std_return" in r) == (mode != "clip-text") for r in returns)
+    if mode == "gen":  # E6's return is the sum of the standardised terms' returns (alpha = beta = 1)
+        for r in returns:
+            assert r["charts/reward_return"] == pytest.approx(
+                r["charts/r_video_std_return"] + r["charts/r_fb_std_return"], rel=1e-4, abs=1e-3)
+    last = metrics["curve"][-1]  # each evaluation carries its interval's training episodes, as means
+    assert last["train/reward_return"] == pytest.approx(np.mean([r["charts/reward_return"] for r in returns
+                                                                 if r["step"] >= 120]))
+    assert ("train/r_video_std_return" in last) == (mode != "clip-text") and 0 <= last["train/episodic_success"] <= 1
     if mode != "clip-text":  # FB learned online, and only until it was frozen
         fb_steps = [r["step"] for r in log if "losses/fb" in r]
         assert fb_steps and max(fb_steps) < 220

@@ -2572,16 +2572,20 @@ class SAC:
 # it moved the exploit on button-press (the gripper held beside the button) and made reach-v3 worse (README).
 # What the reward costs is timed in parts (EpisodeRewards.seconds; metrics.json's reward_seconds_by_part):
 # rendering the frames, generating goal videos, scoring (E2 encodes, E3, E5, E6, or CLIP-text), psi
-# features of the frames for FB's replay, and FB's updates.
+# features of the frames for FB's replay, and FB's updates. What it pays is logged in parts too: each
+# episode's standardised r_video and r_fb returns (log.jsonl), whose means between evaluations are the third
+# panel of learning_curve.png, so a run shows which term the agent earns while its success rises or falls.
 GEN_MODES = ("gen", "gen+dense")
 REWARD_COST_PARTS = ("render", "goal_video", "scoring", "fb_features", "fb_updates")
 
 
 class EpisodeRewards:
-    """`rewards(episode, step)` -> [(episode, rewards (T,) float32), ...]: the finished episodes that are ready
-    for the replay buffer (none, while the generative modes hold exploratory episodes back). An episode
-    is a dict of arrays: states (T+1, obs_dim), actions (T, act_dim), env_rewards (T,), success (T,), and
-    frames (T+1, H, W, 3) in the modes that need them (`needs_frames`)."""
+    """`rewards(episode, step)` -> [(episode, rewards (T,) float32, returns), ...]: the finished episodes that
+    are ready for the replay buffer (none, while the generative modes hold exploratory episodes back), with
+    what to log of each: `returns` = {"charts/reward_return": the return SAC maximises} and, in the generative
+    modes, each term's standardised return (before E6's weights), so a log shows which term the agent earns.
+    An episode is a dict of arrays: states (T+1, obs_dim), actions (T, act_dim), env_rewards (T,), success
+    (T,), and frames (T+1, H, W, 3) in the modes that need them (`needs_frames`)."""
 
     def __init__(self, args: Args, obs_dim: int, act_dim: int):
         self.args, self.pending, self.reward, self.episodes = args, [], None, 0
@@ -2607,16 +2611,18 @@ class EpisodeRewards:
         finally:
             self.seconds[part] += time.perf_counter() - t0
 
-    def __call__(self, episode: dict, step: int) -> list[tuple[dict, np.ndarray]]:
+    def __call__(self, episode: dict, step: int) -> list[tuple[dict, np.ndarray, dict]]:
         mode = self.args.reward
-        if mode == "dense":
-            return [(episode, episode["env_rewards"])]
-        if mode == "sparse":
-            return [(episode, episode["success"].astype(np.float32))]
-        if mode == "clip-text":
-            with self.timed("scoring"):
-                return [(episode, clip_text_reward(self.model.clip, self.model.tokenizer, episode["frames"],
-                                                   clip_text_prompts(self.args)))]
+        if mode not in GEN_MODES:
+            if mode == "dense":
+                r = episode["env_rewards"]
+            elif mode == "sparse":
+                r = episode["success"].astype(np.float32)
+            else:  # clip-text
+                with self.timed("scoring"):
+                    r = clip_text_reward(self.model.clip, self.model.tokenizer, episode["frames"],
+                                         clip_text_prompts(self.args))
+            return [(episode, r, {"charts/reward_return": float(r.sum())})]
         if step < self.args.fb_freeze:  # FB's data: psi of the frames, computed once
             with self.timed("fb_features"):
                 self.fb_parts.append(fb_transitions([episode], self.model.clip))
@@ -2631,18 +2637,25 @@ class EpisodeRewards:
             ready, self.pending = self.pending, []
         else:
             ready = [episode]
-        return [(ep, self.score(ep)) for ep in ready]
+        return [self.score(ep) for ep in ready]
 
-    def score(self, episode: dict) -> np.ndarray:
-        """E6 (+ the env's reward in gen+dense) against a goal video generated from the episode's first frame."""
+    def score(self, episode: dict) -> tuple[dict, np.ndarray, dict]:
+        """E6 (+ the env's reward in gen+dense) against a goal video generated from the episode's first frame,
+        and the returns to log: SAC's, and each term's standardised return."""
         self.episodes += 1
         with self.timed("goal_video"):
             video = generate_video(self.model, episode["frames"][0], task_prompt(self.args.task),
                                    self.args.video_frames, seed=self.args.seed * 1_000_003 + self.episodes,
                                    steps=self.args.sample_steps)
         with self.timed("scoring"):
-            r = self.reward.reward(episode, self.reward.goal(video))
-        return r + episode["env_rewards"] if self.args.reward == "gen+dense" else r
+            goal = self.reward.goal(video)
+            terms = self.reward.terms(episode, goal)
+            r = self.reward.combine(terms, goal)
+        if self.args.reward == "gen+dense":
+            r = r + episode["env_rewards"]
+        z = self.reward.standardise(terms, goal)  # what each term pays this episode, before E6's weights
+        return episode, r, {"charts/reward_return": float(r.sum()), "charts/r_video_std_return":
+                            float(z["r_video"].sum()), "charts/r_fb_std_return": float(z["r_fb"].sum())}
 
     def state_dict(self) -> dict:
         """What a resumed run needs: FB with its optimiser and data, the held-back episodes, and the frozen
@@ -2724,11 +2737,13 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
         rb = ReplayBuffer(obs_dim, act_dim, min(args.buffer_size, args.steps), rng)
         rewards = EpisodeRewards(args, obs_dim, act_dim)
         curve, episode, eval_time, first_step, save_due = [], None, 0.0, 0, False
+        window = []  # what each episode finished since the last evaluation logged: its rewards' returns, success
         if resume is not None:  # every piece of state the loop carries, as it was at the checkpoint
             agent.load_state_dict(resume["agent"]); rb.load_state_dict(resume["buffer"])
             rewards.load_state_dict(resume["rewards"])
             rng.bit_generator.state = resume["rng"]; torch.set_rng_state(resume["torch_rng"])
             curve, eval_time, rewards.seconds = resume["curve"], resume["eval_time"], resume["reward_seconds"]
+            window = resume.get("window", [])  # absent from checkpoints of an older vdr: one interval's means
             first_step = resume["step"]
         logger = Logger(out, keep_bytes=resume["log_bytes"] if resume else None)
         start = time.time() - (resume["elapsed"] if resume else 0.0)
@@ -2755,11 +2770,13 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
 
             if terminated or truncated:  # score the finished episode(s), then store the transitions
                 ep = {k: np.array(v) for k, v in episode.items()}  # states (T+1, obs_dim), frames (T+1, H, W, 3)
-                for done_ep, r in rewards(ep, global_step):  # goal videos, scoring, FB's features (timed)
+                for done_ep, r, returns in rewards(ep, global_step):  # goal videos, scoring, FB's features (timed)
                     rb.add(done_ep["states"][:-1], done_ep["actions"], r, done_ep["states"][1:], done_ep["dones"])
-                    logger.log(global_step, {"charts/reward_return": float(r.sum())})  # the return SAC maximises
+                    logger.log(global_step, returns)  # the return SAC maximises (and each generative term's)
+                    window.append(returns)
                 logger.log(global_step, {"charts/episodic_return": float(ep["env_rewards"].sum()),
                                          "charts/episodic_success": float(ep["success"].any())})
+                window.append({"charts/episodic_success": float(ep["success"].any())})
                 episode = None
 
             if global_step >= args.learning_starts and len(rb) >= args.batch_size:
@@ -2776,6 +2793,11 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                 t0 = time.time()
                 result = evaluate(agent, eval_env, args.eval_episodes)
                 eval_time += time.time() - t0
+                # The training episodes since the last evaluation, as means: their success and the returns of
+                # the reward SAC saw (the figure's third panel shows which term the agent earns as it learns).
+                result |= {"train/" + k.split("/")[1]: float(np.mean([w[k] for w in window if k in w]))
+                           for k in dict.fromkeys(k for w in window for k in w)}
+                window = []
                 curve.append({"env_steps": global_step + 1, **result})
                 logger.log(global_step + 1, result)
                 bar.set_postfix(success=f"{result['eval/success']:.2f}", ret=f"{result['eval/return']:.0f}")
@@ -2786,8 +2808,8 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                 state = {"args": dataclasses.asdict(args) | {"resume": False}, "step": global_step + 1,
                          "agent": agent.state_dict(), "buffer": rb.state_dict(), "rewards": rewards.state_dict(),
                          "rng": rng.bit_generator.state, "torch_rng": torch.get_rng_state(), "curve": curve,
-                         "eval_time": eval_time, "reward_seconds": rewards.seconds, "elapsed": time.time() - start,
-                         "log_bytes": logger.file.tell()}
+                         "window": window, "eval_time": eval_time, "reward_seconds": rewards.seconds,
+                         "elapsed": time.time() - start, "log_bytes": logger.file.tell()}
                 atomic_write(checkpoint, lambda tmp: torch.save(state, tmp))
                 save_due = False
         wall = time.time() - start
@@ -2842,18 +2864,33 @@ def dmc_expert(args: Args) -> Expert:
 
 
 def plot_learning_curve(curve: list[dict], path: Path, title: str) -> Path:
-    """Two panels, eval success and eval return against env steps, saved as a PNG."""
+    """Eval success and eval return against env steps and, where the curve has them (train() adds them), the
+    training episodes' success and rewards' returns, each the mean over the interval that ends there."""
     # A bare Figure, not pyplot: draws to a file without touching the session's backend (a notebook's
     # inline plots keep working after train() has run).
     from matplotlib.figure import Figure
 
     steps = [c["env_steps"] for c in curve]
-    fig = Figure(figsize=(9, 3.2))
-    ax1, ax2 = fig.subplots(1, 2)
-    ax1.plot(steps, [c["eval/success"] for c in curve], marker="o")
-    ax1.set(xlabel="env steps", ylabel="eval success rate", ylim=(-0.05, 1.05))
+    train = any("train/reward_return" in c for c in curve)  # an interval may have scored no episode: NaN
+    get = lambda key: [c.get(key, np.nan) for c in curve]
+    fig = Figure(figsize=(13.5 if train else 9, 3.2))
+    ax1, ax2, *ax3 = fig.subplots(1, 3 if train else 2)
+    ax1.plot(steps, [c["eval/success"] for c in curve], marker="o", label="eval (held-out states)")
+    ax1.set(xlabel="env steps", ylabel="success rate", ylim=(-0.05, 1.05))
     ax2.plot(steps, [c["eval/return"] for c in curve], marker="o", color="tab:orange")
     ax2.set(xlabel="env steps", ylabel="eval return (env reward)")
+    if train:
+        ax1.plot(steps, get("train/episodic_success"), marker=".", ls="--", color="tab:gray",
+                 label="training episodes")
+        ax1.legend(fontsize=8)
+        names = {"reward_return": "the reward SAC maximises", "r_video_std_return": "r_video (standardised)",
+                 "r_fb_std_return": "r_fb (standardised)"}
+        for key, label in names.items():
+            if any("train/" + key in c for c in curve):
+                ax3[0].plot(steps, get("train/" + key), marker=".", label=label)
+        ax3[0].axhline(0, color="k", lw=0.5)
+        ax3[0].set(xlabel="env steps", ylabel="return per training episode")
+        ax3[0].legend(fontsize=8)
     fig.suptitle(title)
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
