@@ -46,7 +46,7 @@ Other references:
     [7] Tassa et al. "DeepMind Control Suite", arXiv:1801.00690, 2018.
 
 Usage:
-    python vdr.py                                   # the main job: the whole pipeline on reach-v3, ~15 min
+    python vdr.py                                   # the main job: the whole pipeline on reach-v3, ~13 min
     python vdr.py collect --task reach-v3 --episodes 20 --out runs/collect
     python vdr.py distractions                      # dm_control tasks under the DCS distractions (a PNG grid)
     python vdr.py pretrain                          # the toy video model, once (~10 min on 2 CPU cores)
@@ -2915,12 +2915,13 @@ def collect(args: Args, out: Path | None = None) -> dict:
 
 
 # The main job's budget: what `python vdr.py` (the `run` command, tiny preset) changes from the tiny
-# defaults so that the whole pipeline fits 15 min on 2 CPU cores (12-13 min measured, README). The toy
+# defaults so that the whole pipeline fits 15 min on 2 CPU cores (13.4 min measured, README). The toy
 # video model trains at about half the budget of `pretrain`/`finetune` (its own cache keys; eval-video and
 # eval-reward use the full one). SAC gets 12k steps: 3k of random actions (20 episodes, as many as
 # eval-reward explores with, to set E6's scales) and 9k of learning, enough to watch the generative reward
 # start to work, not to solve the task (README: results); FB updates every 8th step instead of every 4th,
-# since one FB update costs about two SAC updates (measured). Any flag given on the command line overrides these.
+# since one FB update costs 2-3.6 SAC updates (measured on two CPUs). Any flag on the command line overrides
+# these.
 RUN_BUDGET = dict(reward="gen", steps=12_000, learning_starts=3_000, fb_every=8, pretrain_episodes=8,
                   clip_steps=200, vae_steps=200, dit_steps=600, finetune_steps=400, sample_steps=20)
 
