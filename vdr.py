@@ -2915,7 +2915,7 @@ def collect(args: Args, out: Path | None = None) -> dict:
 
 
 # The main job's budget: what `python vdr.py` (the `run` command, tiny preset) changes from the tiny
-# defaults so that the whole pipeline fits 15 min on 2 CPU cores (13.4 min measured, README). The toy
+# defaults so that the whole pipeline fits 15 min on 2 CPU cores (13.4-14.2 min measured, README). The toy
 # video model trains at about half the budget of `pretrain`/`finetune` (its own cache keys; eval-video and
 # eval-reward use the full one). SAC gets 12k steps: 3k of random actions (20 episodes, as many as
 # eval-reward explores with, to set E6's scales) and 9k of learning, enough to watch the generative reward
