@@ -184,7 +184,7 @@ class Args:
     alpha: float = arg(0.2, "entropy temperature; the initial value when autotune is on")
     autotune: bool = arg(True, "learn the temperature to keep the policy's entropy near -act_dim")
     obs_norm: bool = arg(True, "standardise SAC's observations by statistics of the random-action steps (section 8)")
-    fb_every: int = arg(4, "gen modes: one online FB update every this many env steps (FB costs ~3 SAC updates)")
+    fb_every: int = arg(4, "gen modes: one online FB update every this many env steps (one costs 2-3.6 SAC updates)")
     fb_warmup: int = arg(1000, "gen modes: FB updates on the exploratory data before the first reward is computed")
     fb_freeze: int = arg(25_000, "gen modes: FB stops training at this env step, as in the paper (at 100k of 1M)")
     fb_demos: bool = arg(False, "gen modes: the task's expert demos join FB's replay (section 9); off: the paper's")
