@@ -932,11 +932,15 @@ def test_every_vdr_name_the_notebook_uses_exists():
     assert names and all(hasattr(vdr, n) for n in names), sorted(n for n in names if not hasattr(vdr, n))
 
 
+DOCS = ("README.md", "assets/rl_runs.md")  # the docs whose commands and files the tests check
+
+
 def test_every_readme_command_is_one_the_cli_accepts():
     import re
     import shlex
     from pathlib import Path
-    readme = (Path(__file__).parent / "README.md").read_text()
+    root = Path(__file__).parent
+    readme = "\n".join((root / name).read_text() for name in DOCS)  # the README and the record of RL runs
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     commands = [line.split("vdr.py", 1)[1].split("#")[0] for block in blocks for line in block.splitlines()
                 if "vdr.py" in line]
@@ -955,6 +959,22 @@ def test_every_readme_command_is_one_the_cli_accepts():
         with pytest.raises(SystemExit) as exit_:  # and the command's --help works
             parser.parse_args([tokens[0], "--help"] if tokens else ["--help"])
         assert exit_.value.code == 0
+
+
+def test_every_file_the_docs_name_in_assets_exists():
+    """An image link `![..](assets/x.png)` (or `(x.png)` inside assets/) and a path such as
+    `assets/x_summary.md` named in the text must be committed files."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).parent
+    names = []
+    for doc in DOCS:
+        text, base = (root / doc).read_text(), (root / doc).parent
+        names += [base / n for n in re.findall(r"!\[[^\]]*\]\(([^)#]+)\)", text)]
+        # a path in the text; not a pattern such as assets/bench_*_summary.md
+        names += [root / n for n in re.findall(r"assets/[\w.+-]*\w(?![\w+*-]|\.\w)", text)]
+    assert len(names) >= 20
+    assert not [str(n.relative_to(root)) for n in names if not n.is_file()]
 
 
 def test_readme_links_into_vdr_py_land_on_what_they_name():
