@@ -932,7 +932,7 @@ def test_every_vdr_name_the_notebook_uses_exists():
     assert names and all(hasattr(vdr, n) for n in names), sorted(n for n in names if not hasattr(vdr, n))
 
 
-DOCS = ("README.md", "assets/rl_runs.md")  # the docs whose commands and files the tests check
+DOCS = ("README.md", "assets/RESULTS.md")  # the docs whose commands and files the tests check
 
 
 def test_every_readme_command_is_one_the_cli_accepts():
@@ -940,7 +940,7 @@ def test_every_readme_command_is_one_the_cli_accepts():
     import shlex
     from pathlib import Path
     root = Path(__file__).parent
-    readme = "\n".join((root / name).read_text() for name in DOCS)  # the README and the record of RL runs
+    readme = "\n".join((root / name).read_text() for name in DOCS)  # the README and the results record
     blocks = re.findall(r"```bash\n(.*?)```", readme, flags=re.S)
     commands = [line.split("vdr.py", 1)[1].split("#")[0] for block in blocks for line in block.splitlines()
                 if "vdr.py" in line]
@@ -961,20 +961,24 @@ def test_every_readme_command_is_one_the_cli_accepts():
         assert exit_.value.code == 0
 
 
-def test_every_file_the_docs_name_in_assets_exists():
-    """An image link `![..](assets/x.png)` (or `(x.png)` inside assets/) and a path such as
-    `assets/x_summary.md` named in the text must be committed files."""
+def test_every_file_the_docs_name_in_assets_exists_and_every_asset_is_named():
+    """A link `[..](x)` or image `![..](x)` (relative to the doc's folder) and a path such as
+    `assets/rl_runs.csv` named in the text must be committed files; and every file in assets/ must be
+    named by the README or the results record, so that nothing there is left unexplained."""
     import re
     from pathlib import Path
     root = Path(__file__).parent
-    names = []
+    names = set()
     for doc in DOCS:
         text, base = (root / doc).read_text(), (root / doc).parent
-        names += [base / n for n in re.findall(r"!\[[^\]]*\]\(([^)#]+)\)", text)]
+        links = re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text)  # [..](x) and ![..](x), anchors dropped
+        names |= {(base / n).resolve() for n in links if not n.startswith(("http", "vdr.py"))}
         # a path in the text; not a pattern such as assets/bench_*_summary.md
-        names += [root / n for n in re.findall(r"assets/[\w.+-]*\w(?![\w+*-]|\.\w)", text)]
+        names |= {(root / n).resolve() for n in re.findall(r"assets/[\w.+-]*\w(?![\w+*-]|\.\w)", text)}
     assert len(names) >= 20
-    assert not [str(n.relative_to(root)) for n in names if not n.is_file()]
+    assert not sorted(str(n.relative_to(root)) for n in names if not n.is_file())
+    unnamed = sorted(p.name for p in (root / "assets").iterdir() if p.resolve() not in names)
+    assert not unnamed, f"in assets/ but named by no doc: {unnamed}"
 
 
 def test_readme_links_into_vdr_py_land_on_what_they_name():

@@ -23,7 +23,7 @@ the frame level (a forward-backward representation's estimate of reaching the go
                                                               |
                                             [8] SAC agent, [9] training loop and evaluation
 
-Sections of this file, in pipeline order (equation numbers E1-E6 are those of the method notes, README):
+Sections of this file, in pipeline order (equation numbers E1-E6 are those of the README's method table):
   1. Configuration      the Args dataclass, presets `tiny` (CPU, minutes) and `paper` (one CUDA GPU)
   2. Environments       Meta-World v3: state for the agent, rendered frames for the reward; expert demos;
                         dm_control tasks with the Distracting Control Suite's distractions (2b)
@@ -35,7 +35,6 @@ Sections of this file, in pipeline order (equation numbers E1-E6 are those of th
   7. Total reward       E6: the standardised sum of both; baselines; eval-reward judges them all offline
   8. SAC                compact soft actor-critic in CleanRL's conventions [4]
   9. Training loop      reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation, reports, CLI
-Next to land: the RL benchmark's full table; RL on the DCS tasks, and a reward that survives distraction.
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -46,10 +45,10 @@ Other references:
     [7] Tassa et al. "DeepMind Control Suite", arXiv:1801.00690, 2018.
 
 Usage:
-    python vdr.py                                   # the main job: the whole pipeline on reach-v3, ~13 min
+    python vdr.py                                   # the main job: the whole pipeline on reach-v3
     python vdr.py collect --task reach-v3 --episodes 20 --out runs/collect
     python vdr.py distractions                      # dm_control tasks under the DCS distractions (a PNG grid)
-    python vdr.py pretrain                          # the toy video model, once (~10 min on 2 CPU cores)
+    python vdr.py pretrain                          # the toy video model, once for every task
     python vdr.py eval-video --task drawer-open-v3  # finetune, generate goal videos, score them
     python vdr.py eval-reward --task drawer-open-v3 # every reward on held-out episodes, before any RL
     python vdr.py train --task reach-v3 --reward gen  # SAC on the generative reward alone
@@ -191,7 +190,7 @@ class Args:
     resume: bool = arg(False, "train: continue from OUT/checkpoint.pt (saved after each evaluation) if there is one")
     # The bench's tasks are ones SAC on `dense` solves in --steps (50k) on a CPU, so that success tells the modes
     # apart: dense ends at 0.97 on button-press-v3 and drawer-close-v3, and at 0.00 on their harder siblings
-    # button-press-topdown-v3 and drawer-open-v3 (README: results), which --bench-tasks can still name.
+    # button-press-topdown-v3 and drawer-open-v3 (assets/RESULTS.md, section 6), which --bench-tasks can name.
     bench_tasks: str = arg("reach-v3,button-press-v3,drawer-close-v3", "bench: comma-separated tasks")
     bench_modes: str = arg("gen,gen+dense,dense,sparse,clip-text", "bench: comma-separated reward modes")
     bench_seeds: str = arg("3", "bench: seeds per task and mode: a count N (seeds 1..N), or the seeds with commas, "
@@ -204,7 +203,7 @@ class Args:
 
 PRESETS = {
     "tiny": {},  # the dataclass defaults: everything runs on 2 CPU cores, offline, in minutes
-    "paper": dict(  # one CUDA GPU and the real pretrained models (PAPER.md, "published settings")
+    "paper": dict(  # one CUDA GPU and the real pretrained models (the paper's published settings [1])
         device="cuda",
         dtype="bfloat16",
         video_model="THUDM/CogVideoX-5b-I2V",  # the paper's image-to-video base model
@@ -216,7 +215,7 @@ PRESETS = {
         eval_every=10_000,  # the paper evaluates every 10k steps over 10 episodes
         eval_episodes=10,
         video_frames=49,  # CogVideoX's native length; the paper's goal videos have 49 frames
-        dit_batch=1,  # LoRA on the 5B DiT at batch 1 is what fits one 80 GB GPU (see README)
+        dit_batch=1,  # LoRA on the 5B DiT at batch 1 is what fits one 80 GB GPU (README: paper preset)
         finetune_steps=12_000,  # the paper's released LoRA was trained 12k steps
         finetune_lr=1e-4,
         fb_batch=1024,  # published
@@ -461,7 +460,7 @@ class MetaWorld:
         # Off-screen renderer. We use MuJoCo's own Renderer rather than gymnasium's: it makes its GL context
         # current at every render, so several envs (train + eval) can live in one process, and a new env
         # created after another was closed renders correctly. Shadows, reflections and multisampling off:
-        # invisible at 64 px, and they take rendering from ~14 to ~180 frames/s on 2 CPU cores (measured).
+        # invisible at 64 px, and they cost most of a CPU render's time (assets/RESULTS.md, section 10).
         self.sawyer.model.vis.quality.offsamples = 0  # no multisample anti-aliasing buffer
         try:
             self.renderer = mujoco.Renderer(self.sawyer.model, image_size, image_size)
@@ -830,7 +829,7 @@ STOP_FRACTION = 1 / 3  # "stopped": the expert acts for this fraction of its tim
 ACTION_STREAM = 1  # "noisy" and "random" draw actions from default_rng([seed, ACTION_STREAM]), a stream of
                    # their own: Meta-World places the object with default_rng(seed) (gymnasium's np_random), so
                    # actions drawn from default_rng(seed) would replay those draws and correlate with where the
-                   # object lies (on drawer-close, 5 of 10 held-out random episodes closed it; 2 of 10 now)
+                   # object lies (on drawer-close, random episodes closed the drawer more often than chance)
 
 
 def behaviour_policy(env: MetaWorld, task: str, behaviour: str, seed: int, args: Args | None = None):
@@ -924,7 +923,7 @@ def save_frame_strip(frames: np.ndarray, path: Path, n: int = 8, scale: int = 2)
 #     CogVideoX-I2V, c_image is zero-padded to k+1 latent frames and joins x_t along channels, so the
 #     DiT reads (k+1, 2C, h, w) and writes (k+1, C, h, w).
 #
-# Prediction type. PAPER.md writes E1 for eps; we train v ("v-prediction"), the target CogVideoX itself
+# Prediction type. The paper writes E1 for eps; we train v ("v-prediction"), the target CogVideoX itself
 # was trained on, with its zero-terminal-SNR schedule (abar_T = 0: sampling starts from pure noise, as in
 # training). Since ||v_hat - v||^2 = ||eps_hat - eps||^2 / abar_t, this is E1 with a per-timestep weight;
 # eps itself is unusable at abar_T = 0 (x0 = (x_t - sqrt(1 - abar) eps) / sqrt(abar) divides by zero).
@@ -1112,8 +1111,8 @@ def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: 
 
 # ---- 3b. the 3D causal VAE ----
 # Toy compression. Three blocks = two 2x downsamplings: 64 px -> 16x16 latents, 8 channels (CogVideoX:
-# four blocks, 8x, 16 channels). A prototype with 8x compression (8x8 latents) blurred away the reach
-# target, the button and the drawer handle; 4x keeps them. Time is compressed 4x (9 frames -> 3).
+# four blocks, 8x, 16 channels). 8x compression (8x8 latents) blurs away the reach target, the
+# button and the drawer handle; 4x keeps them. Time is compressed 4x (9 frames -> 3).
 TOY_VAE_CONFIG = dict(
     in_channels=3, out_channels=3, latent_channels=8,
     down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
@@ -1125,8 +1124,8 @@ VAE_FOREGROUND_WEIGHT = 10.0  # extra weight of pixels that differ from the task
 
 
 def vae_encode(vae, video: torch.Tensor) -> torch.Tensor:
-    """E(V): (B, 3, F, H, W) in [-1, 1] -> latents (B, k+1, C, h, w), the posterior MEAN (deterministic,
-    DESIGN.md) times the VAE's scaling factor, in the (batch, time, channel) order the DiT takes."""
+    """E(V): (B, 3, F, H, W) in [-1, 1] -> latents (B, k+1, C, h, w), the posterior MEAN (a deterministic
+    reward; the paper's code draws a sample) times the VAE's scaling factor, in the (batch, time, channel) order the DiT takes."""
     latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mean  # (B, C, k+1, h, w)
     return (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)  # (B, k+1, C, h, w)
 
@@ -1191,8 +1190,8 @@ def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, 
 
 
 def cpu_bf16_autocast():
-    """bfloat16 autocast on CPUs with native bf16 (AVX512-BF16, AMX): the toy VAE trains 1.6x faster
-    (measured, 2 cores). Elsewhere (and on GPUs, where args.dtype decides) it does nothing, since
+    """bfloat16 autocast on CPUs with native bf16 (AVX512-BF16, AMX), where the toy VAE trains faster.
+    Elsewhere (and on GPUs, where args.dtype decides) it does nothing, since
     emulated bf16 would be slower."""
     enabled = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
@@ -1639,7 +1638,7 @@ def goal(args: Args, out: Path | None = None) -> dict:
 # method; the VAE's own error on the mask is reported beside. All methods are scored on the same states, so
 # each baseline is compared with the generator state by state (paired), with the standard error of the mean
 # difference: one goal video is one draw of the sampler, and with 10 states that error is as large as the
-# differences between methods (measured on drawer-open: +-0.0033 against a difference of 0.0018).
+# differences between methods (assets/RESULTS.md, section 3).
 MASK_THRESHOLD = 24  # uint8 levels (~10% of 255) a pixel must change by to count as changed by the task:
                      # the arm and the object, not faint shading
 
@@ -1820,8 +1819,8 @@ def video_reward(vae, frames: np.ndarray, goal_latents: torch.Tensor, num_frames
 # E3.  I* = argmax_k cos(CLIP_img(frame_k), CLIP_txt(prompt)),  frames of the generated goal video.
 # The text target is the normalised mean of the prompts' embeddings. Default (toy CLIP): one prompt, the
 # task's "done" caption (section 3a explains why the toy CLIP can tell "done" from "in progress"). The
-# paper's code uses five generic grasp prompts with open_clip ViT-B-32; PAPER.md quotes two of them, and
-# those two are what the `paper` preset uses.
+# paper's code uses five generic grasp prompts with open_clip ViT-B-32; vdr uses the two that
+# the paper quotes, and those are what the `paper` preset uses.
 PAPER_GOAL_PROMPTS = ("robot arm grasping an object", "robotic gripper holding something")
 
 
@@ -2024,7 +2023,8 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
 # scales, which depend on the VAE, d and gamma. Without an env reward to set them against, vdr puts both
 # terms on one scale, what exploring gives (mean 0, spread 1), and weighs them equally, alpha = beta = 1
 # (--video-weight, --fb-weight). In the hybrid (gen+dense), both weights are scaled by --hybrid-weight
-# (0.1): at 1, E6 paid the agent more than the dense reward did and the hybrid fell behind dense (README).
+# (0.1): at 1, E6 paid the agent more than the dense reward did and the hybrid fell behind dense
+# (assets/RESULTS.md, section 8.6).
 # A step scores above 0 when it looks more like the goal than exploring does at the same step.
 # Why mu depends on t: E2 of a random episode creeps up with t (its clip o_{0:t} fills with motion, and the
 # goal video is all motion), a rise the agent would be paid for doing anything; on
@@ -2339,7 +2339,7 @@ def plot_goal_frames(goals: list[Goal], path: Path) -> Path:
 #   actor             pi(a|s) = tanh(N(mu(s), sigma(s)^2)), trained on   E[ alpha log pi(a|s) - min_k Q_k(s, a) ]
 #   temperature       log_alpha trained so that the policy's entropy stays near -act_dim
 #   inputs            s standardised per dimension by the mean and std of the random-action steps, frozen
-#                     at the first update (--obs-norm; one change to CleanRL, measured in the README)
+#                     at the first update (--obs-norm; one change to CleanRL; assets/RESULTS.md, section 5)
 # Shapes: obs (B, obs_dim), actions (B, act_dim) in [-1, 1], rewards / dones (B,).
 
 LOG_STD_MIN, LOG_STD_MAX = -5.0, 2.0  # bounds on the actor's log std (CleanRL, from Denis Yarats' SAC)
@@ -2441,7 +2441,7 @@ class SAC:
         self.qf2_target = QNetwork(obs_dim, act_dim, args.hidden).to(self.device)
         self.qf1_target.load_state_dict(self.qf1.state_dict())
         self.qf2_target.load_state_dict(self.qf2.state_dict())
-        # fused=True: one kernel for all parameters' Adam step (measured on 2 CPU cores: 1.5 -> 0.6 ms per update)
+        # fused=True: one kernel for all parameters' Adam step, not one per tensor (a CPU update's largest saving)
         self.q_optimizer = torch.optim.Adam([*self.qf1.parameters(), *self.qf2.parameters()], lr=args.q_lr,
                                             fused=True)
         self.actor_optimizer = torch.optim.Adam(self.actor.parameters(), lr=args.policy_lr, fused=True)
@@ -2457,8 +2457,8 @@ class SAC:
         obs (N, obs_dim): the random-action steps before learning_starts. Meta-World's state is positions
         in metres. On reach-v3's random-action steps the hand's and the goal's coordinates sit near 0.6 m
         with stds of 3-7 cm, and success needs the hand within 5 cm of the goal: raw, the networks must read
-        centimetre differences off inputs ten times larger; standardised, 5 cm is about one unit. (On 4 seeds
-        of reach-v3, the final eval success went from 0.68 to 0.78: the README's SAC section.) Frozen rather than
+        centimetre differences off inputs ten times larger; standardised, 5 cm is about one unit. (Its effect on
+        reach-v3: assets/RESULTS.md, section 5.) Frozen rather than
         running, so the critics' inputs never drift under them. Dimensions that random actions never move
         (an untouched object, the zero padding) get std OBS_STD_MIN, so a later move reads as large, not inf.
         """
@@ -2566,10 +2566,12 @@ class SAC:
 # FB's data. F^T z* estimates how much the policy that collected FB's data visits the goal frame after
 # (s, a) (E4), which only data that reaches the goal can teach. In `gen`, the agent's replay holds no goal
 # until the agent gets there, and F ranks states by what it has seen: on button-press-topdown-v3 the agent
-# raised the arm and held it still, and F rated that pose above the expert's whole path (README: results).
+# raised the arm and held it still, and F rated that pose above the expert's whole path (assets/RESULTS.md,
+# section 8).
 # --fb-demos adds the task's expert demos (the finetuning episodes, with their states and actions) to FB's
 # replay, as eval-reward's FB has them (section 7c). Off by default, as in the paper: measured on one seed,
-# it moved the exploit on button-press (the gripper held beside the button) and made reach-v3 worse (README).
+# it moved the exploit on button-press (the gripper held beside the button) and made reach-v3 worse
+# (assets/RESULTS.md, section 8.7).
 # What the reward costs is timed in parts (EpisodeRewards.seconds; metrics.json's reward_seconds_by_part):
 # rendering the frames, generating goal videos, scoring (E2 encodes, E3, E5, E6, or CLIP-text), psi
 # features of the frames for FB's replay, and FB's updates. What it pays is logged in parts too: each
@@ -2831,7 +2833,7 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     return metrics
 
 
-DMC_EXPERT_STEPS = 50_000  # SAC steps (agent steps, action repeat 4) for a dm_control expert: see README
+DMC_EXPERT_STEPS = 50_000  # SAC steps (agent steps, action repeat 4) for a dm_control expert: assets/RESULTS.md, 9
 
 
 class Expert:
@@ -2915,12 +2917,12 @@ def collect(args: Args, out: Path | None = None) -> dict:
 
 
 # The main job's budget: what `python vdr.py` (the `run` command, tiny preset) changes from the tiny
-# defaults so that the whole pipeline fits 15 min on 2 CPU cores (13.4-14.2 min measured, README). The toy
+# defaults so that the whole pipeline takes minutes on 2 CPU cores (assets/RESULTS.md, section 1). The toy
 # video model trains at about half the budget of `pretrain`/`finetune` (its own cache keys; eval-video and
 # eval-reward use the full one). SAC gets 12k steps: 3k of random actions (20 episodes, as many as
 # eval-reward explores with, to set E6's scales) and 9k of learning, enough to watch the generative reward
-# start to work, not to solve the task (README: results); FB updates every 8th step instead of every 4th,
-# since one FB update costs 2-3.6 SAC updates (measured on two CPUs). Any flag on the command line overrides
+# start to work, not to solve the task; FB updates every 8th step instead of every 4th, since one FB
+# update (batch 256, hidden 512, twin heads) costs a few SAC updates. Any flag on the command line overrides
 # these.
 RUN_BUDGET = dict(reward="gen", steps=12_000, learning_starts=3_000, fb_every=8, pretrain_episodes=8,
                   clip_steps=200, vae_steps=200, dit_steps=600, finetune_steps=400, sample_steps=20)
@@ -3003,7 +3005,7 @@ def report(args: Args, out: Path) -> dict:
 def report_run(args: Args, out: Path | None = None) -> dict:
     """CLI `report --out RUN`: the report of a finished `train` or main-job folder, under the run's own
     settings (its args.json); only --report-states and --device are read from the command line. Writes
-    report.json and the report's figures into RUN and prints the table the README's per-term rows come from."""
+    report.json and the report's figures into RUN and prints the per-term table of assets/RESULTS.md, section 8."""
     if out is None or not (out / "args.json").exists() or not (out / "agent.pt").exists():
         raise VdrError(f"report needs --out RUN, the folder of a finished `train` or main job (with args.json and "
                        f"agent.pt); got {out or 'no --out'}")
