@@ -981,6 +981,38 @@ def test_every_file_the_docs_name_in_assets_exists_and_every_asset_is_named():
     assert not unnamed, f"in assets/ but named by no doc: {unnamed}"
 
 
+def test_part_one_never_names_part_two_and_the_header_lands_on_each_section():
+    """vdr.py is the method (Part I) then the experiments (Part II): no code in Part I names a function,
+    class or constant that Part II defines (Part II plugs in through TASK_SUITES and ARG_CHECKS), and the
+    header's table gives each section's first line and length."""
+    import ast
+    import re
+    from pathlib import Path
+    src = (Path(__file__).parent / "vdr.py").read_text()
+    lines = src.splitlines()
+    split = next(i for i, line in enumerate(lines) if line.startswith("# PART II")) + 1
+    tree = ast.parse(src)
+
+    def defined(node):
+        if isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            return {node.name}
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            return {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        return set()
+    part1 = set().union(*(defined(n) for n in tree.body if n.lineno < split))
+    part2 = set().union(*(defined(n) for n in tree.body if n.lineno > split)) - part1
+    named = {(sub.lineno, sub.id) for node in tree.body if node.lineno < split for sub in ast.walk(node)
+             if isinstance(sub, ast.Name) and sub.id in part2}
+    assert part2 and not named, sorted(named)
+    rows = re.findall(r"^ +(\d+)\. .* (\d+) +(\d+)$", ast.get_docstring(tree), flags=re.M)
+    assert [int(n) for n, _, _ in rows] == list(range(1, 17))
+    for n, start, length in rows:
+        assert lines[int(start)].startswith(f"# {n}. "), (n, start)  # the rule above the section's title
+        end = int(start) + int(length) - 1  # the section's last line: the next one opens another section
+        assert end == len(lines) or re.match(r"# (=|#){20}", lines[end]), (n, end)
+
+
 def test_readme_links_into_vdr_py_land_on_what_they_name():
     """`[section 4](vdr.py#L1678)` must land on section 4's title, `[`video_reward`](vdr.py#L..)` on its def:
     when vdr.py moves, this says which links to update."""

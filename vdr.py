@@ -10,31 +10,44 @@ from the agent's first frame and a text prompt. The agent is then rewarded for b
 at the video level (its frames near the goal video in the diffusion model's own VAE latent space) and at
 the frame level (a forward-backward representation's estimate of reaching the goal frame CLIP picks).
 
-  demos (scripted experts)        prompt + first frame
-        |                                |
-  [1] collect videos  -->  [2] finetune video diffusion  -->  [3] generate goal video
-                                                                 |            |
-                                         [4] video-level reward (VAE)   [5] CLIP goal frame
-                                                 |                            |
-                                                 |                   [6] FB representation
-                                                 +------------+---------------+
-                                                              |
-                                            [7] r = alpha*r_video + beta*r_FB (+ r_env)
-                                                              |
-                                            [8] SAC agent, [9] training loop and evaluation
+  expert demos (sec. 2)                    prompt + first frame
+        |                                         |
+  finetune the video diffusion model (E1, sec. 3) --> generate a goal video (sec. 3f)
+                                                          |                    |
+                              video-level reward E2 (sec. 4)      CLIP goal frame E3 (sec. 5)
+                                                          |                    |
+                                                          |        FB representation, r_fb: E4-E5 (sec. 6)
+                                                          +---------+----------+
+                                                                    |
+                                       E6: r = alpha * r_video + beta * r_fb (+ r_env)  (sec. 7)
+                                                                    |
+                                       SAC (sec. 8), trained on r and evaluated on held-out states (sec. 9)
 
-Sections of this file, in pipeline order (equation numbers E1-E6 are those of the README's method table):
-  1. Configuration      the Args dataclass, presets `tiny` (CPU, minutes) and `paper` (one CUDA GPU)
-  2. Environments       Meta-World v3: state for the agent, rendered frames for the reward; expert demos;
-                        dm_control tasks with the Distracting Control Suite's distractions (2b)
-  3. Video diffusion    E1: toy CogVideoX (3D causal VAE + I2V DiT) and a small CLIP, pretrained and
-                        finetuned here; or the real CogVideoX-5B-I2V with LoRA; goal videos; eval-video
-  4. Video reward       E2: cosine similarity of the agent's clip and the goal video in VAE latent space
-  5. Goal frame         E3: the goal video's frame CLIP scores highest against the goal prompt
-  6. FB reward          E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*
-  7. Total reward       E6: the standardised sum of both; baselines; eval-reward judges them all offline
-  8. SAC                compact soft actor-critic in CleanRL's conventions [4]
-  9. Training loop      reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation, reports, CLI
+Where to start:
+  - to learn the method, read Part I top to bottom: each section opens with its equation (E1-E6, the
+    README's method table) and the shapes it works on; Part II is what measures it;
+  - to run it, `python vdr.py` (the main job, section 13); `python vdr.py train --help` lists every knob;
+  - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
+    held-out episodes before any RL (tutorial.ipynb has four such exercises).
+
+Part I, the method (lines 126-2350)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   169
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      301   285
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    586   722
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1308    85
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1393    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1424   174
+   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1598   115
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1713   213
+   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         1926   319
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2245   106
+Part II, experiments and extensions (lines 2352-3313)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2358   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2458   204
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2662   136
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               2798   123
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  2921   315
+  16. Command line     one command per stage; every Args field is a flag                           3236    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -55,8 +68,9 @@ Usage:
     python vdr.py train --task reach-v3 --reward dense --steps 50000 --seed 1 --out runs/sac
     python vdr.py train --help                      # every knob, with its one-line doc
 """
-from __future__ import annotations
 
+
+from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
@@ -70,12 +84,10 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-
 # MuJoCo picks its OpenGL backend when it is first imported. With no display, EGL (Mesa's, which ships
 # with the system's libEGL and needs no extra package) renders off-screen; osmesa works too but needs
 # `apt-get install libosmesa6` and is ~10x slower. A value the user already set wins.
 os.environ.setdefault("MUJOCO_GL", "egl")
-
 import numpy as np
 import torch
 import torch.nn as nn
@@ -108,6 +120,13 @@ def _make_torchvision_importable():
 
 
 _make_torchvision_importable()
+
+
+# #####################################################################################################
+# PART I. THE METHOD: configuration, environments, E1-E6, SAC, and the training loop.
+# Read top to bottom, it is the paper's pipeline. It never calls into Part II: other task suites and
+# Part II's flag checks plug in through TASK_SUITES (section 2) and ARG_CHECKS (section 1).
+# #####################################################################################################
 
 
 # =====================================================================================================
@@ -231,18 +250,9 @@ class VdrError(Exception):
     """A mistake the user can fix; the CLI prints it as one line, without a traceback."""
 
 
-def make_args(**overrides) -> Args:
-    """Args from a preset plus overrides, validated: `make_args(preset="tiny", task="drawer-open-v3")`."""
-    preset = overrides.get("preset", "tiny")
-    if preset not in PRESETS:
-        raise VdrError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
-    names = {f.name for f in dataclasses.fields(Args)}
-    unknown = sorted(set(overrides) - names)
-    if unknown:
-        raise VdrError(f"unknown setting(s) {', '.join(unknown)}; see `python vdr.py --help`")
-    args = Args(**{**PRESETS[preset], **overrides})
-    check_args(args)
-    return args
+# Part II's experiments check their own flags (the bench's seeds, the distractions) by adding a function
+# (args) -> None here that raises VdrError, so every mistake stops in check_args, before any work is done.
+ARG_CHECKS: list = []
 
 
 def check_args(args: Args) -> None:
@@ -260,8 +270,8 @@ def check_args(args: Args) -> None:
     for mode in args.bench_modes.split(","):
         if mode not in REWARD_MODES:
             raise VdrError(f"unknown reward mode {mode!r} in --bench-modes; choose from: {', '.join(REWARD_MODES)}")
-    check_distractions(args.distraction, args.difficulty)
-    bench_seed_list(args.bench_seeds)
+    for check in ARG_CHECKS:  # Part II's flags (section 1's ARG_CHECKS)
+        check(args)
     if args.video_clip not in VIDEO_CLIP_MODES:
         raise VdrError(f"unknown --video-clip {args.video_clip!r}; choose one of: {', '.join(VIDEO_CLIP_MODES)}")
     for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes", "fb_steps",
@@ -274,109 +284,18 @@ def check_args(args: Args) -> None:
         raise VdrError(f"--episode-length {args.episode_length} is over Meta-World's limit of 500 steps")
 
 
-# ---- small plumbing used by every section: seeding, atomic files, cache keys, a metrics logger ----
-
-def mlp(inp: int, out: int, hidden: int) -> nn.Sequential:
-    """Two hidden ReLU layers: the networks of SAC (section 7) and FB (section 6)."""
-    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                         nn.Linear(hidden, out))
-
-
-def seed_everything(seed: int) -> np.random.Generator:
-    """Seed torch's global generator and return a numpy Generator; same seed -> same numbers on CPU."""
-    torch.manual_seed(seed)
-    return np.random.default_rng(seed)
-
-
-def atomic_write(path: Path, write) -> Path:
-    """Call write(tmp_path), then rename tmp_path to path: a crash never leaves a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0); os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # what open() would have given (mkstemp makes it private: 0600)
-        os.replace(tmp, path)  # atomic on POSIX within one filesystem
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def atomic_dir(path: Path, write) -> Path:
-    """Call write(tmp_dir), then rename tmp_dir to path: the same for a folder (a saved model)."""
-    import shutil
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
-    try:
-        write(tmp)
-        try:
-            os.replace(tmp, path)
-        except OSError:  # the folder exists: another process wrote it first (two runs finetuning one model)
-            if not path.is_dir():  # a cache entry is a function of its key, so theirs is as good as ours
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    return path
-
-
-def write_json(path: Path, obj) -> Path:
-    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
-
-
-CACHE_VERSION = 1  # bump when a cached artefact's format or meaning changes, so stale caches are not reused
-
-
-def data_key(args: Args, task: str | None = None) -> dict:
-    """The settings that make the data (frames, episodes) of `task` (default args.task) what it is: part of
-    every trained model's key. The DCS settings count only for a dm_control task: Meta-World ignores them,
-    so a DCS run reuses the Meta-World demos and pretrained models of an undistracted one."""
-    key = {"image_size": args.image_size, "camera": args.camera, "episode_length": args.episode_length}
-    if args.distraction != "none" and (task or args.task) in DMC_TASKS:  # DCS frames (section 2b)
-        key |= {"distraction": args.distraction, "difficulty": args.difficulty,
-                "dynamic": args.dynamic_distraction, "background": args.background_dir}
-    return key
-
-
-def cache_path(args: Args, kind: str, suffix: str, **inputs) -> Path:
-    """runs/cache/<kind>/<task>-<hash of the inputs>.<suffix>: the same inputs find the same file."""
-    key = json.dumps({"v": CACHE_VERSION, **inputs}, sort_keys=True)
-    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
-    return Path(args.cache_dir) / kind / f"{inputs.get('task', 'all')}-{digest}{suffix}"
-
-
-class Logger:
-    """Writes {"step": s, **metrics} lines to out/log.jsonl (and to TensorBoard when it is installed).
-    Metric names are grouped as in CleanRL: charts/..., losses/..., eval/..."""
-
-    def __init__(self, out: Path, keep_bytes: int | None = None):
-        """A new log; or, with keep_bytes (a resumed run), the old one cut back to its first keep_bytes."""
-        if keep_bytes is None:
-            self.file = open(Path(out) / "log.jsonl", "w")
-        else:
-            self.file = open(Path(out) / "log.jsonl", "r+")
-            self.file.truncate(keep_bytes)
-            self.file.seek(keep_bytes)
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            self.tb = SummaryWriter(str(out))
-        except ImportError:  # tensorboard is optional
-            self.tb = None
-
-    def log(self, step: int, metrics: dict) -> None:
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
-        if self.tb:
-            for k, v in metrics.items():
-                self.tb.add_scalar(k, v, step)
-
-    def close(self) -> None:
-        self.file.close()
-        if self.tb:
-            self.tb.close()
+def make_args(**overrides) -> Args:
+    """Args from a preset plus overrides, validated: `make_args(preset="tiny", task="drawer-open-v3")`."""
+    preset = overrides.get("preset", "tiny")
+    if preset not in PRESETS:
+        raise VdrError(f"unknown preset {preset!r}; choose one of: {', '.join(PRESETS)}")
+    names = {f.name for f in dataclasses.fields(Args)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise VdrError(f"unknown setting(s) {', '.join(unknown)}; see `python vdr.py --help`")
+    args = Args(**{**PRESETS[preset], **overrides})
+    check_args(args)
+    return args
 
 
 # =====================================================================================================
@@ -428,11 +347,31 @@ def meta_world_tasks() -> list[str]:
     return sorted(metaworld.ALL_V3_ENVIRONMENTS)
 
 
+# Other task suites. The method asks of a task only an env with MetaWorld's interface (below) and an expert
+# whose episodes are the finetuning videos. Another suite plugs in by adding a TaskSuite to TASK_SUITES, so
+# that Part I never names it: Part II adds the DeepMind Control tasks under distraction (section 15).
+@dataclass(frozen=True)
+class TaskSuite:
+    name: str
+    tasks: tuple[str, ...]
+    make_env: object  # (args) -> the env of args.task
+    expert: object  # (args) -> the expert of args.task: policy.get_action(obs) -> action
+    data_key: object  # (args) -> dict: the suite's settings that change its frames (part of cache keys)
+
+
+TASK_SUITES: list[TaskSuite] = []
+
+
+def task_suite(task: str) -> TaskSuite | None:
+    """The suite that holds `task`, or None for a Meta-World task."""
+    return next((suite for suite in TASK_SUITES if task in suite.tasks), None)
+
+
 def check_task(task: str) -> None:
     tasks = meta_world_tasks()
-    if task not in tasks and task not in DMC_TASKS:
-        raise VdrError(f"unknown task {task!r}; Meta-World v3 tasks are: {', '.join(tasks)}; "
-                       f"DeepMind Control tasks (section 2b): {', '.join(DMC_TASKS)}")
+    if task not in tasks and task_suite(task) is None:
+        raise VdrError(f"unknown task {task!r}; Meta-World v3 tasks are: {', '.join(tasks)}"
+                       + "".join(f"; {suite.name} tasks: {', '.join(suite.tasks)}" for suite in TASK_SUITES))
 
 
 class MetaWorld:
@@ -505,282 +444,18 @@ class MetaWorld:
         self.close()
 
 
-# ---- 2b. the DeepMind Control Suite [7], with the Distracting Control Suite's distractions [6] ----
-# The same interface as MetaWorld: state for the agent (dm_control's observation dict, flattened), frames for
-# the reward, the task's own reward to evaluate. dm_control rewards lie in [0, 1] per control step; an
-# episode is the suite's 1000 control steps, played at action repeat DMC_ACTION_REPEAT (so 250 agent steps;
-# --episode-length is Meta-World's), and its return (at most 1000) is the number DCS papers report.
-# info["success"]: the step's reward is at least 0.9 (reacher and ball_in_cup pay exactly 1 in the target).
-#
-# DCS [6] adds three distractions to the frames, each at a difficulty scale s (easy 0.1, medium 0.2,
-# hard 0.3, as published), drawn at reset and, if dynamic, drifting within the episode:
-#   color       every material's and geom's RGB shifted by U(-s, s) per channel (dynamic: a random walk
-#               with step std 0.03 s, kept within s of the original);
-#   camera      the camera orbits its look-at point: azimuth and elevation by U(-pi/2 s, pi/2 s), roll by the
-#               same, distance scaled by U(1 - 0.5 s, 1 + 1.5 s) (dynamic: random-walk velocities, std 0.1 s,
-#               at most 0.4 s per step; roll std pi/300 s, at most pi/50 s); but for reacher, the camera stays
-#               above its original elevation ("upper quadrant"), so it never looks from under the floor;
-#   background  the sky replaced by a video (a folder of frames: DAVIS 2017, which DCS uses; by default a
-#               procedural moving pattern, since no dataset downloads here), and the floor made see-through
-#               (alpha 0.3; reacher 0; cheetah and walker keep it opaque), as DCS does. Videos per difficulty
-#               as in DCS: 4 / 8 / all (procedural: 16). Dynamic: the video plays, one frame per agent step.
-# DCS edits the camera in the model and uploads the video into the skybox texture; vdr does the same
-# things to the picture without touching the model: the camera is moved in the rendered scene (after
-# MuJoCo has placed it, so tracking cameras still track), and the background is composited where a
-# segmentation render shows sky (and, blended, floor). No distraction changes the physics.
-DMC_TASKS = ("cartpole-swingup", "reacher-easy", "finger-spin", "cheetah-run", "walker-walk", "ball_in_cup-catch")
-DMC_ACTION_REPEAT = 4  # the usual choice for these tasks at this budget (PlaNet, DrQ: 2-8)
-DIFFICULTY_SCALE = {"easy": 0.1, "medium": 0.2, "hard": 0.3}
-DISTRACTIONS = ("color", "camera", "background")
-BACKGROUND_VIDEOS = {"easy": 4, "medium": 8, "hard": None}  # None: every video in the folder
-PROCEDURAL_VIDEOS = 16  # the procedural background's "all"
-FLOOR_ALPHA = {"reacher": 0.0, "cheetah": 1.0, "walker": 1.0}  # DCS's ground-plane alpha; others 0.3
-
-
-def check_distractions(distraction: str, difficulty: str) -> tuple[str, ...]:
-    """'none' or a comma-separated subset of DISTRACTIONS ('all' = every one) -> the tuple of them."""
-    if difficulty not in DIFFICULTY_SCALE:
-        raise VdrError(f"unknown --difficulty {difficulty!r}; choose one of: {', '.join(DIFFICULTY_SCALE)}")
-    if distraction == "none":
-        return ()
-    names = DISTRACTIONS if distraction == "all" else tuple(distraction.split(","))
-    for name in names:
-        if name not in DISTRACTIONS:
-            raise VdrError(f"unknown distraction {name!r}; use 'none', 'all' or a comma-separated subset of: "
-                           f"{', '.join(DISTRACTIONS)}")
-    return names
-
-
-def rotate(v: np.ndarray, axis: np.ndarray, angle: float) -> np.ndarray:
-    """v (3,) rotated by `angle` radians about the unit vector `axis` (Rodrigues' formula)."""
-    return v * np.cos(angle) + np.cross(axis, v) * np.sin(angle) + axis * (axis @ v) * (1 - np.cos(angle))
-
-
-def load_backgrounds(folder: str, videos: int | None, size: int) -> list[np.ndarray]:
-    """The first `videos` videos (all if None) of a folder of videos, each a sub-folder of frames (as
-    DAVIS's JPEGImages/480p/<video>/00000.jpg), or a single folder of frames: [(T, size, size, 3) uint8]."""
-    from PIL import Image
-    root = Path(folder)
-    if not root.is_dir():
-        raise VdrError(f"background folder {folder} does not exist; give a folder of videos (e.g. DAVIS 2017 "
-                       "JPEGImages/480p) or leave --background-dir empty for the procedural background")
-    images = (".jpg", ".jpeg", ".png")
-    dirs = sorted(d for d in root.iterdir() if d.is_dir()) or [root]
-    out = []
-    for d in dirs[:videos]:
-        files = sorted(f for f in d.iterdir() if f.suffix.lower() in images)
-        if files:
-            out.append(np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR))
-                                 for f in files]))
-    if not out:
-        raise VdrError(f"no .jpg/.png frames found in {folder} or its sub-folders")
-    return out
-
-
-class ProceduralVideo:
-    """The default background video number `index`: three coloured sinusoidal gratings drifting in their own
-    directions, with the video's own colours and speeds. video[t] -> (size, size, 3) uint8, made on demand."""
-
-    def __init__(self, index: int, size: int, length: int = 1000):
-        g = np.random.default_rng(index)  # the video's fixed parameters
-        self.waves = [(g.uniform(0, 2 * np.pi), g.uniform(2, 6), g.uniform(0.05, 0.2), g.uniform(0, 2 * np.pi),
-                       g.uniform(0, 1, 3)) for _ in range(3)]  # angle, frequency, speed, phase, colour
-        self.y, self.x = np.mgrid[0:size, 0:size] / size  # (size, size) each, in [0, 1)
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __getitem__(self, t: int) -> np.ndarray:
-        img = 0.0
-        for angle, freq, speed, phase, colour in self.waves:
-            along = self.x * np.cos(angle) + self.y * np.sin(angle)  # (size, size)
-            img = img + (0.5 + 0.5 * np.sin(2 * np.pi * freq * along + speed * t + phase))[..., None] * colour
-        return (255 * img / img.max()).astype(np.uint8)  # (size, size, 3)
-
-
-class DMControl:
-    """A dm_control suite task behind the MetaWorld interface, with DCS distractions on its frames.
-
-    obs: (obs_dim,) float32, dm_control's observations flattened.  action: (act_dim,) float32 in [-1, 1].
-    info["success"]: 1.0 when the step's reward is >= 0.9.  render(): (H, W, 3) uint8, distracted."""
-
-    def __init__(self, task: str, image_size: int = 64, camera: int = 0, distraction: str = "none",
-                 difficulty: str = "easy", dynamic: bool = False, background_dir: str = ""):
-        import gymnasium
-        import mujoco
-        from dm_control import suite
-
-        self.task, self.domain, self.camera, self.image_size = task, task.split("-")[0], camera, image_size
-        self.env = suite.load(self.domain, task.split("-")[1])
-        self.physics, self.episode_length, self.t = self.env.physics, 1000 // DMC_ACTION_REPEAT, 0
-        obs_dim = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
-        spec = self.env.action_spec()
-        assert np.all(spec.minimum == -1) and np.all(spec.maximum == 1)
-        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
-        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, spec.shape, np.float32)
-        model = self.physics.model.ptr
-        model.vis.quality.offsamples = 0  # as for Meta-World: no multisampling, no shadows, no reflections
-        self.renderer = mujoco.Renderer(model, image_size, image_size)
-        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
-        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
-
-        self.distractions = check_distractions(distraction, difficulty)
-        self.scale, self.dynamic = DIFFICULTY_SCALE[difficulty], dynamic
-        self.rgba0 = {"mat_rgba": model.mat_rgba.copy(), "geom_rgba": model.geom_rgba.copy()}  # the originals
-        if "background" in self.distractions:
-            videos = BACKGROUND_VIDEOS[difficulty]
-            self.backgrounds = (load_backgrounds(background_dir, videos, image_size) if background_dir else
-                                [ProceduralVideo(i, image_size) for i in range(videos or PROCEDURAL_VIDEOS)])
-            self.floor = [i for i in range(model.ngeom) if model.geom_type[i] == mujoco.mjtGeom.mjGEOM_PLANE]
-            self.floor_alpha = FLOOR_ALPHA.get(self.domain, 0.3)
-        self.rng = np.random.default_rng(0)
-
-    def obs(self, time_step) -> np.ndarray:
-        return np.concatenate([np.ravel(v) for v in time_step.observation.values()]).astype(np.float32)
-
-    def reset(self, seed: int | None = None, options: dict | None = None):
-        if seed is not None:  # dm_control draws initial states from its task's RandomState
-            self.env.task.random.seed(seed)
-            self.rng = np.random.default_rng([seed, 1])  # the distractions' own stream: same seed, same frames
-        time_step = self.env.reset()
-        self.t = 0
-        s = self.scale
-        if "color" in self.distractions:
-            self.color = {k: self.rng.uniform(-s, s, v[:, :3].shape) for k, v in self.rgba0.items()}
-            self.set_colors()
-        if "camera" in self.distractions:  # azimuth, elevation, roll (radians), distance factor
-            low = np.array([-np.pi / 2 * s, -np.pi / 2 * s, -np.pi / 2 * s, 1 - 0.5 * s])
-            high = np.array([np.pi / 2 * s, np.pi / 2 * s, np.pi / 2 * s, 1 + 1.5 * s])
-            if self.domain != "reacher":
-                low[1] = 0.0  # DCS's "upper quadrant": never below the original elevation
-            self.cam_bounds, self.cam, self.cam_vel = (low, high), self.rng.uniform(low, high), np.zeros(4)
-        if "background" in self.distractions:
-            self.video = self.backgrounds[self.rng.integers(len(self.backgrounds))]
-            self.frame0 = int(self.rng.integers(len(self.video)))
-        return self.obs(time_step), {}
-
-    def step(self, action: np.ndarray):
-        reward = 0.0
-        for _ in range(DMC_ACTION_REPEAT):
-            time_step = self.env.step(np.asarray(action, dtype=np.float64))
-            reward += time_step.reward or 0.0
-        self.t += 1
-        if self.dynamic:
-            self.drift()
-        truncated = time_step.last()
-        return self.obs(time_step), reward, False, truncated, {"success": float(reward >= 0.9 * DMC_ACTION_REPEAT)}
-
-    def drift(self) -> None:
-        """One step of the dynamic distractions' random walks."""
-        s = self.scale
-        if "color" in self.distractions:
-            for k in self.color:
-                self.color[k] = np.clip(self.color[k] + self.rng.normal(0, 0.03 * s, self.color[k].shape), -s, s)
-            self.set_colors()
-        if "camera" in self.distractions:
-            std = np.array([0.1 * s, 0.1 * s, np.pi / 300 * s, 0.1 * s])  # azimuth, elevation, roll, zoom
-            vmax = np.array([0.4 * s, 0.4 * s, np.pi / 50 * s, 0.4 * s])
-            self.cam_vel = np.clip(self.cam_vel + self.rng.normal(0, std), -vmax, vmax)
-            low, high = self.cam_bounds
-            self.cam = self.cam + self.cam_vel
-            bounced = (self.cam < low) | (self.cam > high)  # reflect off the bounds
-            self.cam = np.clip(self.cam, low, high)
-            self.cam_vel[bounced] *= -1
-
-    def set_colors(self) -> None:
-        model = self.physics.model.ptr
-        for k, rgba0 in self.rgba0.items():
-            getattr(model, k)[:, :3] = np.clip(rgba0[:, :3] + self.color[k], 0, 1)
-
-    def render(self) -> np.ndarray:
-        import mujoco
-        self.renderer.update_scene(self.physics.data.ptr, camera=self.camera)
-        if "camera" in self.distractions:
-            self.move_camera()
-        frame = self.renderer.render()  # (H, W, 3) uint8
-        if "background" in self.distractions:
-            self.renderer.enable_segmentation_rendering()
-            seg = self.renderer.render()  # (H, W, 2): object id (-1 where nothing is hit: the sky), type
-            self.renderer.disable_segmentation_rendering()
-            t = self.t if self.dynamic else 0
-            bg = self.video[(self.frame0 + t) % len(self.video)].astype(np.float32)  # (H, W, 3)
-            floor = np.isin(seg[..., 0], self.floor) & (seg[..., 1] == mujoco.mjtObj.mjOBJ_GEOM)
-            alpha = np.where(seg[..., 0] == -1, 0.0, np.where(floor, self.floor_alpha, 1.0))[..., None]  # (H, W, 1)
-            frame = (alpha * frame + (1 - alpha) * bg).round().astype(np.uint8)
-        return frame
-
-    def move_camera(self) -> None:
-        """Orbit the scene's camera about its look-at point: the point on its view axis level with the body
-        it is attached to (or tracks)."""
-        azimuth, elevation, roll, zoom = self.cam
-        data, model = self.physics.data.ptr, self.physics.model.ptr
-        for gl in self.renderer.scene.camera:  # the two eyes of MuJoCo's stereo pair, identical in mono
-            pos, fwd, up = np.array(gl.pos), np.array(gl.forward), np.array(gl.up)
-            target = data.xpos[model.cam_bodyid[self.camera]]
-            lookat = pos + fwd * max(float((target - pos) @ fwd), 0.5)  # 0.5 m: never behind or at the lens
-            right = np.cross(fwd, up)
-            # raise by `elevation` about the camera's right axis (a negative angle lifts the lens), then swing
-            offset, up, fwd = (rotate(v, right, -elevation) for v in (pos - lookat, up, fwd))
-            z = np.array([0.0, 0.0, 1.0])
-            offset, up, fwd = (rotate(v, z, azimuth) for v in (offset, up, fwd))  # ... around the vertical
-            gl.pos[:] = lookat + zoom * offset
-            gl.forward[:] = fwd
-            gl.up[:] = rotate(up, fwd, roll)
-
-    def close(self) -> None:
-        self.renderer.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-
-def distractions(args: Args, out: Path | None = None) -> dict:
-    """CLI `distractions`: one frame of every DMC task (rows) under each distraction at none / easy / medium /
-    hard (columns), the same state in each row (20 zero-action steps from seed args.seed): distractions.png."""
-    from PIL import Image
-    out = Path(out or Path("runs") / "distractions")
-    rows = []
-    for task in DMC_TASKS:
-        row = []
-        for distraction in DISTRACTIONS:
-            for difficulty in ("none", *DIFFICULTY_SCALE):
-                clean = difficulty == "none"
-                with DMControl(task, args.image_size, 0, "none" if clean else distraction,
-                               "easy" if clean else difficulty, background_dir=args.background_dir) as env:
-                    env.reset(seed=args.seed)
-                    for _ in range(20):
-                        env.step(np.zeros(env.action_space.shape, np.float32))
-                    row.append(env.render())
-        rows.append(np.concatenate(row, axis=1))  # (H, 12 W, 3)
-    grid = Image.fromarray(np.concatenate(rows, axis=0))  # (6 H, 12 W, 3)
-    atomic_write(out / "distractions.png", lambda tmp: grid.resize((grid.width * 2, grid.height * 2),
-                                                                    Image.NEAREST).save(tmp, format="PNG"))
-    metrics = {"tasks": list(DMC_TASKS), "columns": [f"{d}:{lvl}" for d in DISTRACTIONS
-                                                     for lvl in ("none", *DIFFICULTY_SCALE)]}
-    write_json(out / "metrics.json", metrics)
-    print(f"distraction grid: {len(DMC_TASKS)} tasks x (none, easy, medium, hard) x {', '.join(DISTRACTIONS)} "
-          f"-> {out / 'distractions.png'}")
-    return metrics
-
-
 def make_env(args: Args):
-    """The task's environment: a MetaWorld, or a DMControl for the DMC_TASKS (with args' distractions)."""
-    if args.task in DMC_TASKS:
-        camera = 0 if args.camera == "corner" else int(args.camera)  # 'corner' is Meta-World's; DCS renders camera 0
-        return DMControl(args.task, args.image_size, camera, args.distraction, args.difficulty,
-                         args.dynamic_distraction, args.background_dir)
+    """The task's environment: a MetaWorld, or the env of the suite that holds the task (TASK_SUITES)."""
+    if suite := task_suite(args.task):
+        return suite.make_env(args)
     return MetaWorld(args.task, args.image_size, args.camera, args.episode_length)
 
 
 def expert_policy(task: str, args: Args | None = None):
-    """The task's expert: `policy.get_action(obs) -> action`. Meta-World: its scripted policy. dm_control has
-    none: a state-based SAC trained on the task's own reward stands in (section 9, `dmc_expert`; needs args)."""
-    if task in DMC_TASKS:
-        return dmc_expert(dataclasses.replace(args, task=task))
+    """The task's expert: `policy.get_action(obs) -> action`. Meta-World: its scripted policy. Another
+    suite's expert comes from the suite (dm_control's is a SAC trained on the task's reward; needs args)."""
+    if suite := task_suite(task):
+        return suite.expert(dataclasses.replace(args, task=task))
     from metaworld.policies import ENV_POLICY_MAP
     if task not in ENV_POLICY_MAP:
         raise VdrError(f"Meta-World has no scripted expert for {task!r}")
@@ -818,7 +493,7 @@ def rollout(env: MetaWorld, policy, seed: int, render: bool = True, frames: int 
 
 
 # Behaviours that collect episodes. Only "expert" trains the video model; the others are the failures and
-# the exploration that section 7 judges rewards on, and the exploratory data FB (section 6) trains on.
+# the exploration that section 12 judges rewards on, and the exploratory data FB (section 6) trains on.
 BEHAVIOURS = ("expert", "noisy", "stopped", "random")
 NOISE_STD = 1.0  # "noisy": the expert's action plus N(0, 1) per dimension (actions lie in [-1, 1]): some
                  # episodes still succeed, many do not, and none moves like a clean demo
@@ -955,7 +630,50 @@ def to_frames(video: torch.Tensor) -> np.ndarray:
     return video.permute(0, 2, 3, 4, 1).cpu().numpy()  # (B, T, H, W, 3)
 
 
-# ---- 3a. a small CLIP, trained contrastively on demo frames ----
+# ---- 3a. the 3D causal VAE ----
+# Toy compression. Three blocks = two 2x downsamplings: 64 px -> 16x16 latents, 8 channels (CogVideoX:
+# four blocks, 8x, 16 channels). 8x compression (8x8 latents) blurs away the reach target, the
+# button and the drawer handle; 4x keeps them. Time is compressed 4x (9 frames -> 3).
+TOY_VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=8,
+    down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
+    block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=4,  # groups of 4 channels
+    temporal_compression_ratio=4, sample_height=64, sample_width=64,
+)
+VAE_KL_WEIGHT = 1e-6  # a light KL term keeps the posterior near N(0, I), as in LDM's VAEs
+VAE_FOREGROUND_WEIGHT = 10.0  # extra weight of pixels that differ from the task's median frame (see below)
+
+
+def vae_encode(vae, video: torch.Tensor) -> torch.Tensor:
+    """E(V): (B, 3, F, H, W) in [-1, 1] -> latents (B, k+1, C, h, w), the posterior MEAN (a deterministic
+    reward; the paper's code draws a sample) times the VAE's scaling factor, in the (batch, time, channel) order the DiT takes."""
+    latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mean  # (B, C, k+1, h, w)
+    return (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)  # (B, k+1, C, h, w)
+
+
+def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """D(x0): latents (B, k+1, C, h, w) -> video (B, 3, 4k+1, H, W) in [-1, 1]."""
+    latents = latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # (B, C, k+1, h, w)
+    return vae.decode(latents.to(vae.dtype)).sample
+
+
+def vae_loss(vae, video: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Weighted reconstruction MSE + VAE_KL_WEIGHT * KL. video (B, 3, F, H, W); weight (B, 1, F, H, W)."""
+    posterior = vae.encode(video).latent_dist
+    recon = vae.decode(posterior.sample()).sample  # (B, 3, F, H, W); a posterior *sample* while training
+    mse = (weight * (recon - video) ** 2).sum() / (weight.sum() * 3)
+    return mse + VAE_KL_WEIGHT * posterior.kl().mean() / video[0].numel()
+
+
+def foreground_weight(frames: np.ndarray, background: np.ndarray) -> torch.Tensor:
+    """Per-pixel loss weight (B, 1, T, H, W): 1 + VAE_FOREGROUND_WEIGHT where a frame differs from the
+    task's median frame by more than 8/255. Why: the arm, the object and the goal marker cover a few
+    percent of a 64 px frame, so a plain MSE is won by drawing the table well and the arm blurred."""
+    diff = np.abs(frames.astype(np.int16) - background.astype(np.int16)).max(-1) > 8  # (B, T, H, W)
+    return 1.0 + VAE_FOREGROUND_WEIGHT * torch.from_numpy(diff).float().unsqueeze(1)
+
+
+# ---- 3b. a small CLIP: the DiT's text encoder, and the image features of E3 and FB ----
 # Toy sizes: a 64 px ViT with 8 px patches (64 tokens) and a 16-token text transformer. open_clip's own
 # BPE tokenizer is bundled with the package, so nothing is downloaded.
 TOY_CLIP_NAME = "vdr-toy-clip"
@@ -1058,149 +776,6 @@ def load_clip(args: Args, weights: Path | None = None):
     return clip.to(args.device, dtype).eval().requires_grad_(False), tokenizer
 
 
-def clip_batch(data: dict, gen: torch.Generator):
-    """One frame per (task, stage) caption that the data has: (N, H, W, 3) frames and N unique captions,
-    so that each frame's one positive in the contrastive loss is its own caption."""
-    frames, texts = [], []
-    for prompt, (video, stage) in data.items():
-        for s, name in enumerate(STAGES):
-            ep_idx, t_idx = np.nonzero(stage == s)
-            if len(ep_idx):
-                j = int(torch.randint(len(ep_idx), (), generator=gen))
-                frames.append(video[ep_idx[j], t_idx[j]]); texts.append(caption(prompt, name))
-    return np.stack(frames), texts
-
-
-def stage_key(args: Args, tasks, init: Path | None) -> dict:
-    """Cache-key inputs of a toy CLIP or VAE: pretrained on `tasks` (names or prompts), or continued from
-    the weights at `init` on args.task's demos (finetuning on a new domain)."""
-    if init is None:  # PRETRAIN_TASKS are Meta-World's
-        return dict(task="pretrain", tasks=sorted(tasks), episodes=args.pretrain_episodes, **data_key(args, "pretrain"))
-    return dict(task=args.task, init=f"{init.parent.name}/{init.name}", episodes=args.episodes, **data_key(args))
-
-
-def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: Path | None = None) -> Path:
-    """Train the toy CLIP on demo frames and their stage captions (cached), from scratch or, with `init`,
-    on from those weights (finetuning on a new domain). Returns the weights path."""
-    import open_clip
-    path = cache_path(args, "clip", ".pt", **stage_key(args, demos, init), config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed)
-    if path.exists():
-        return path
-    seed_everything(args.seed)
-    register_toy_clip(args.cache_dir)
-    clip = create_toy_clip().to(args.device).train()  # every toy model trains on args.device
-    if init is not None:
-        clip.load_state_dict(load_checkpoint(init))
-    tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
-    # per prompt: its videos (N, F, H, W, 3) and the stages of those frames (N, F)
-    data = {d["prompt"]: (d["frames"], np.stack([resample(frame_stages(s), d["frames"].shape[1]) for s in d["success"]]))
-            for d in demos.values()}
-    loss_fn = open_clip.ClipLoss()
-
-    def loss(gen):
-        frames, texts = clip_batch(data, gen)
-        image = clip_image_features(clip, frames)  # (N, D)
-        text = clip.encode_text(tokenizer(texts).to(args.device), normalize=True)  # (N, D)
-        return loss_fn(image, text, clip.logit_scale.exp())
-
-    fit(clip, loss, args.clip_steps, lr=1e-3, seed=args.seed, state=path.with_suffix(".state"), desc="clip",
-        progress=progress)
-    atomic_write(path, lambda tmp: torch.save(clip.state_dict(), tmp))
-    return path
-
-
-# ---- 3b. the 3D causal VAE ----
-# Toy compression. Three blocks = two 2x downsamplings: 64 px -> 16x16 latents, 8 channels (CogVideoX:
-# four blocks, 8x, 16 channels). 8x compression (8x8 latents) blurs away the reach target, the
-# button and the drawer handle; 4x keeps them. Time is compressed 4x (9 frames -> 3).
-TOY_VAE_CONFIG = dict(
-    in_channels=3, out_channels=3, latent_channels=8,
-    down_block_types=("CogVideoXDownBlock3D",) * 3, up_block_types=("CogVideoXUpBlock3D",) * 3,
-    block_out_channels=(16, 32, 64), layers_per_block=1, norm_num_groups=4,  # groups of 4 channels
-    temporal_compression_ratio=4, sample_height=64, sample_width=64,
-)
-VAE_KL_WEIGHT = 1e-6  # a light KL term keeps the posterior near N(0, I), as in LDM's VAEs
-VAE_FOREGROUND_WEIGHT = 10.0  # extra weight of pixels that differ from the task's median frame (see below)
-
-
-def vae_encode(vae, video: torch.Tensor) -> torch.Tensor:
-    """E(V): (B, 3, F, H, W) in [-1, 1] -> latents (B, k+1, C, h, w), the posterior MEAN (a deterministic
-    reward; the paper's code draws a sample) times the VAE's scaling factor, in the (batch, time, channel) order the DiT takes."""
-    latents = vae.encode(video.to(vae.device, vae.dtype)).latent_dist.mean  # (B, C, k+1, h, w)
-    return (latents * vae.config.scaling_factor).permute(0, 2, 1, 3, 4)  # (B, k+1, C, h, w)
-
-
-def vae_decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """D(x0): latents (B, k+1, C, h, w) -> video (B, 3, 4k+1, H, W) in [-1, 1]."""
-    latents = latents.permute(0, 2, 1, 3, 4) / vae.config.scaling_factor  # (B, C, k+1, h, w)
-    return vae.decode(latents.to(vae.dtype)).sample
-
-
-def vae_loss(vae, video: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted reconstruction MSE + VAE_KL_WEIGHT * KL. video (B, 3, F, H, W); weight (B, 1, F, H, W)."""
-    posterior = vae.encode(video).latent_dist
-    recon = vae.decode(posterior.sample()).sample  # (B, 3, F, H, W); a posterior *sample* while training
-    mse = (weight * (recon - video) ** 2).sum() / (weight.sum() * 3)
-    return mse + VAE_KL_WEIGHT * posterior.kl().mean() / video[0].numel()
-
-
-def foreground_weight(frames: np.ndarray, background: np.ndarray) -> torch.Tensor:
-    """Per-pixel loss weight (B, 1, T, H, W): 1 + VAE_FOREGROUND_WEIGHT where a frame differs from the
-    task's median frame by more than 8/255. Why: the arm, the object and the goal marker cover a few
-    percent of a 64 px frame, so a plain MSE is won by drawing the table well and the arm blurred."""
-    diff = np.abs(frames.astype(np.int16) - background.astype(np.int16)).max(-1) > 8  # (B, T, H, W)
-    return 1.0 + VAE_FOREGROUND_WEIGHT * torch.from_numpy(diff).float().unsqueeze(1)
-
-
-def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, init: Path | None = None) -> Path:
-    """Train the toy VAE on random VAE_CLIP-frame windows of the training videos (cached, resumable), from
-    scratch or, with `init` (a saved VAE folder), on from it.
-
-    videos: {prompt: (N, F, H, W, 3) uint8}. Saves the AutoencoderKLCogVideoX with its scaling_factor set
-    so that latents have unit standard deviation (as Stable Diffusion's was chosen); returns the folder."""
-    from diffusers import AutoencoderKLCogVideoX
-    path = cache_path(args, "vae", "", **stage_key(args, videos, init), frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps,
-                      seed=args.seed)
-    if path.exists():
-        return path
-    seed_everything(args.seed)
-    vae = (AutoencoderKLCogVideoX(**TOY_VAE_CONFIG) if init is None else
-           load_pretrained(AutoencoderKLCogVideoX, init, "VAE").train().requires_grad_(True)).to(args.device)
-    all_videos = np.concatenate(list(videos.values()))  # (N_all, F, H, W, 3)
-    backgrounds = np.concatenate([np.repeat(np.median(v, axis=(0, 1))[None], len(v), 0)
-                                  for v in videos.values()]).astype(np.uint8)  # (N_all, H, W, 3) per task
-
-    def loss(gen):
-        i = torch.randint(len(all_videos), (VAE_BATCH,), generator=gen).numpy()
-        t0 = torch.randint(all_videos.shape[1] - VAE_CLIP + 1, (), generator=gen).item()
-        frames = all_videos[i, t0:t0 + VAE_CLIP]  # (B, VAE_CLIP, H, W, 3)
-        weight = foreground_weight(frames, backgrounds[i][:, None])  # (B, 1, VAE_CLIP, H, W)
-        with torch.random.fork_rng(), cpu_bf16_autocast():  # (the posterior sample uses torch's global RNG)
-            torch.manual_seed(int(torch.randint(2**31, (), generator=gen)))
-            return vae_loss(vae, to_video_tensor(frames).to(args.device), weight.to(args.device))
-
-    fit(vae, loss, args.vae_steps, lr=1e-3, seed=args.seed, state=path.with_suffix(".state"), desc="vae",
-        progress=progress)
-    with torch.no_grad():  # scaling factor = 1 / std of the latents of (up to) 64 training videos
-        vae.eval()
-        sample = to_video_tensor(all_videos[:: max(1, len(all_videos) // 64)])
-        std = torch.cat([vae.encode(v[None].to(args.device)).latent_dist.mean for v in sample]).std().item()
-    vae.register_to_config(scaling_factor=1.0 / std)
-    return atomic_dir(path, vae.save_pretrained)
-
-
-def cpu_bf16_autocast():
-    """bfloat16 autocast on CPUs with native bf16 (AVX512-BF16, AMX), where the toy VAE trains faster.
-    Elsewhere (and on GPUs, where args.dtype decides) it does nothing, since
-    emulated bf16 would be slower."""
-    enabled = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
-VAE_CLIP = 9  # frames per VAE training window: 1 (encoded alone, causally) + 2 x 4 -> 3 latent frames
-VAE_BATCH = 4  # windows per step: 36 frames, ~0.6 s per step on 2 cores (bf16), ~1 s in float32
-
-
 # ---- 3c. the diffusion transformer (DiT), the scheduler, the loss and the sampler ----
 # Toy DiT: 4 layers, width 128, 2x2 latent patches -> 64 tokens per latent frame (5 x 64 for 17 frames),
 # plus 16 text tokens in the same attention (CogVideoX's "expert transformer" blocks).
@@ -1259,7 +834,7 @@ def sample_latents(transformer, scheduler, image_latents, prompt_embeds, num_lat
     return latents
 
 
-# ---- 3d. training: one resumable loop, checkpoints, pretrain -> finetune ----
+# ---- 3d. training: one resumable loop; CLIP (contrastive), VAE and DiT; pretrain -> finetune ----
 SAVE_EVERY = 100  # optimisation steps between resumable training-state checkpoints
 
 
@@ -1320,6 +895,106 @@ def fit(model: nn.Module, loss_fn, steps: int, lr: float, seed: int, state: Path
     model.eval()
     state.unlink(missing_ok=True)
     return losses
+
+
+def stage_key(args: Args, tasks, init: Path | None) -> dict:
+    """Cache-key inputs of a toy CLIP or VAE: pretrained on `tasks` (names or prompts), or continued from
+    the weights at `init` on args.task's demos (finetuning on a new domain)."""
+    if init is None:  # PRETRAIN_TASKS are Meta-World's
+        return dict(task="pretrain", tasks=sorted(tasks), episodes=args.pretrain_episodes, **data_key(args, "pretrain"))
+    return dict(task=args.task, init=f"{init.parent.name}/{init.name}", episodes=args.episodes, **data_key(args))
+
+
+def clip_batch(data: dict, gen: torch.Generator):
+    """One frame per (task, stage) caption that the data has: (N, H, W, 3) frames and N unique captions,
+    so that each frame's one positive in the contrastive loss is its own caption."""
+    frames, texts = [], []
+    for prompt, (video, stage) in data.items():
+        for s, name in enumerate(STAGES):
+            ep_idx, t_idx = np.nonzero(stage == s)
+            if len(ep_idx):
+                j = int(torch.randint(len(ep_idx), (), generator=gen))
+                frames.append(video[ep_idx[j], t_idx[j]]); texts.append(caption(prompt, name))
+    return np.stack(frames), texts
+
+
+def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: Path | None = None) -> Path:
+    """Train the toy CLIP on demo frames and their stage captions (cached), from scratch or, with `init`,
+    on from those weights (finetuning on a new domain). Returns the weights path."""
+    import open_clip
+    path = cache_path(args, "clip", ".pt", **stage_key(args, demos, init), config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed)
+    if path.exists():
+        return path
+    seed_everything(args.seed)
+    register_toy_clip(args.cache_dir)
+    clip = create_toy_clip().to(args.device).train()  # every toy model trains on args.device
+    if init is not None:
+        clip.load_state_dict(load_checkpoint(init))
+    tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
+    # per prompt: its videos (N, F, H, W, 3) and the stages of those frames (N, F)
+    data = {d["prompt"]: (d["frames"], np.stack([resample(frame_stages(s), d["frames"].shape[1]) for s in d["success"]]))
+            for d in demos.values()}
+    loss_fn = open_clip.ClipLoss()
+
+    def loss(gen):
+        frames, texts = clip_batch(data, gen)
+        image = clip_image_features(clip, frames)  # (N, D)
+        text = clip.encode_text(tokenizer(texts).to(args.device), normalize=True)  # (N, D)
+        return loss_fn(image, text, clip.logit_scale.exp())
+
+    fit(clip, loss, args.clip_steps, lr=1e-3, seed=args.seed, state=path.with_suffix(".state"), desc="clip",
+        progress=progress)
+    atomic_write(path, lambda tmp: torch.save(clip.state_dict(), tmp))
+    return path
+
+
+def cpu_bf16_autocast():
+    """bfloat16 autocast on CPUs with native bf16 (AVX512-BF16, AMX), where the toy VAE trains faster.
+    Elsewhere (and on GPUs, where args.dtype decides) it does nothing, since
+    emulated bf16 would be slower."""
+    enabled = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
+
+
+VAE_CLIP = 9  # frames per VAE training window: 1 (encoded alone, causally) + 2 x 4 -> 3 latent frames
+VAE_BATCH = 4  # windows per step: 36 frames, ~0.6 s per step on 2 cores (bf16), ~1 s in float32
+
+
+def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, init: Path | None = None) -> Path:
+    """Train the toy VAE on random VAE_CLIP-frame windows of the training videos (cached, resumable), from
+    scratch or, with `init` (a saved VAE folder), on from it.
+
+    videos: {prompt: (N, F, H, W, 3) uint8}. Saves the AutoencoderKLCogVideoX with its scaling_factor set
+    so that latents have unit standard deviation (as Stable Diffusion's was chosen); returns the folder."""
+    from diffusers import AutoencoderKLCogVideoX
+    path = cache_path(args, "vae", "", **stage_key(args, videos, init), frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps,
+                      seed=args.seed)
+    if path.exists():
+        return path
+    seed_everything(args.seed)
+    vae = (AutoencoderKLCogVideoX(**TOY_VAE_CONFIG) if init is None else
+           load_pretrained(AutoencoderKLCogVideoX, init, "VAE").train().requires_grad_(True)).to(args.device)
+    all_videos = np.concatenate(list(videos.values()))  # (N_all, F, H, W, 3)
+    backgrounds = np.concatenate([np.repeat(np.median(v, axis=(0, 1))[None], len(v), 0)
+                                  for v in videos.values()]).astype(np.uint8)  # (N_all, H, W, 3) per task
+
+    def loss(gen):
+        i = torch.randint(len(all_videos), (VAE_BATCH,), generator=gen).numpy()
+        t0 = torch.randint(all_videos.shape[1] - VAE_CLIP + 1, (), generator=gen).item()
+        frames = all_videos[i, t0:t0 + VAE_CLIP]  # (B, VAE_CLIP, H, W, 3)
+        weight = foreground_weight(frames, backgrounds[i][:, None])  # (B, 1, VAE_CLIP, H, W)
+        with torch.random.fork_rng(), cpu_bf16_autocast():  # (the posterior sample uses torch's global RNG)
+            torch.manual_seed(int(torch.randint(2**31, (), generator=gen)))
+            return vae_loss(vae, to_video_tensor(frames).to(args.device), weight.to(args.device))
+
+    fit(vae, loss, args.vae_steps, lr=1e-3, seed=args.seed, state=path.with_suffix(".state"), desc="vae",
+        progress=progress)
+    with torch.no_grad():  # scaling factor = 1 / std of the latents of (up to) 64 training videos
+        vae.eval()
+        sample = to_video_tensor(all_videos[:: max(1, len(all_videos) // 64)])
+        std = torch.cat([vae.encode(v[None].to(args.device)).latent_dist.mean for v in sample]).std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return atomic_dir(path, vae.save_pretrained)
 
 
 def training_videos(args: Args, demos: dict) -> np.ndarray:
@@ -1630,104 +1305,6 @@ def goal(args: Args, out: Path | None = None) -> dict:
     return metrics
 
 
-# ---- 3g. how good are the goal videos? ----
-# On held-out initial states, the scripted expert's real video is the reference. The task changes few
-# pixels (arm, object), so the score looks only there: the mask is where the real video's last frame
-# differs from its first. Every video is compared as a VAE decoder output (the real one and the baselines
-# after the same round trip D(E(V)), the generated one as decoded), so the VAE's blur counts against no
-# method; the VAE's own error on the mask is reported beside. All methods are scored on the same states, so
-# each baseline is compared with the generator state by state (paired), with the standard error of the mean
-# difference: one goal video is one draw of the sampler, and with 10 states that error is as large as the
-# differences between methods (assets/RESULTS.md, section 3).
-MASK_THRESHOLD = 24  # uint8 levels (~10% of 255) a pixel must change by to count as changed by the task:
-                     # the arm and the object, not faint shading
-
-
-@torch.no_grad()
-def round_trip(vae, videos: np.ndarray) -> np.ndarray:
-    """D(E(V)) for videos (N, F, H, W, 3) uint8 -> same shape."""
-    return np.concatenate([to_frames(vae_decode(vae, vae_encode(vae, to_video_tensor(v[None])))) for v in videos])
-
-
-def latent_cosine(vae, a: np.ndarray, b: np.ndarray) -> float:
-    """E2's similarity between two videos (F, H, W, 3): cosine of their flattened VAE latents."""
-    with torch.no_grad():
-        za, zb = (vae_encode(vae, to_video_tensor(v[None])).flatten() for v in (a, b))
-    return float(F.cosine_similarity(za, zb, dim=0))
-
-
-def eval_video(args: Args, out: Path | None = None, progress: bool = True) -> dict:
-    """CLI `eval-video`: generated goal videos vs the expert's real videos on held-out initial states,
-    against two baselines: (a) the first frame repeated, (b) the training demo with the nearest first
-    frame. Writes metrics.json ({method: {final_frame_mse, latent_cosine}, with per-state errors and, for each
-    baseline, the paired difference generated - baseline and its standard error}) and side_by_side.png."""
-    from tqdm import tqdm
-    out = Path(out or default_out(args, "eval-video"))
-    model = load_video_model(args)
-    demos = training_videos(args, collect_demos(args, progress=progress))  # (N, F, H, W, 3)
-    real = training_videos(args, collect_demos(args, seed0=HELDOUT_SEED0, episodes=args.eval_videos,
-                                               progress=progress))  # (M, F, H, W, 3)
-    t0, generated = time.time(), []
-    for i, video in enumerate(tqdm(real, desc="generate", disable=not progress)):
-        generated.append(goal_video(args, model, video[0], seed=args.seed + i))
-    seconds = (time.time() - t0) / len(real)
-    nearest = [demos[np.argmin(((demos[:, 0].astype(np.float32) - v[0]) ** 2).sum(axis=(1, 2, 3)))] for v in real]
-    methods = {"generated": np.stack(generated), "first_frame_repeated": np.repeat(real[:, :1], real.shape[1], 1),
-               "nearest_demo": np.stack(nearest)}
-    real_rt = round_trip(model.vae, real)
-    # mask (M, H, W): pixels where the task changed the real video
-    mask = np.abs(real[:, -1].astype(np.int16) - real[:, 0]).max(-1) > MASK_THRESHOLD
-
-    def masked_mse(a, b):  # a, b (M, H, W, 3) uint8 -> (M',) the MSE on each video's mask, in [0, 1]^2
-        err = ((a.astype(np.float32) - b) / 255) ** 2
-        return np.array([e[m].mean() for e, m in zip(err, mask) if m.any()])
-
-    metrics = {"task": args.task, "videos": len(real), "frames": args.video_frames,
-               "mask_fraction": float(mask.mean()), "seconds_per_video": seconds,
-               "vae_reconstruction_mse": float(masked_mse(real_rt[:, -1], real[:, -1]).mean())}
-    # every video is scored as one VAE decoder output: the real video and the baselines after one round
-    # trip D(E(.)), the generated one as generated, D(x0) (a second round trip would blur it twice)
-    rts = {name: videos if name == "generated" else round_trip(model.vae, videos) for name, videos in methods.items()}
-    errors = {name: masked_mse(rts[name][:, -1], real_rt[:, -1]) for name in methods}  # each (M',)
-    for name, videos in methods.items():
-        metrics[name] = {"final_frame_mse": float(errors[name].mean()),
-                         "final_frame_mse_per_video": errors[name].tolist(),
-                         "latent_cosine": float(np.mean([latent_cosine(model.vae, v, r) for v, r in zip(videos, real)]))}
-        if name != "generated":  # paired over the same states: generated minus this baseline, and its std error
-            diff = errors["generated"] - errors[name]  # (M',)
-            sem = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
-            metrics[name].update(generated_minus_this=float(diff.mean()), generated_minus_this_sem=float(sem))
-    metrics["generated"]["final_frame_mse_after_another_round_trip"] = float(masked_mse(
-        round_trip(model.vae, methods["generated"])[:, -1], real_rt[:, -1]).mean())
-    write_json(out / "metrics.json", metrics)
-    side_by_side(real, real_rt, methods, out / "side_by_side.png")
-    print(f"\n{args.task}: goal videos vs the expert's real video on {len(real)} held-out initial states "
-          f"({seconds:.1f} s per generated video)")
-    print(f"{'method':24s} {'final_frame_mse':>16s} {'latent_cosine':>14s} {'generated - this (paired, sem)':>31s}")
-    for name in methods:
-        m = metrics[name]
-        paired = "" if name == "generated" else \
-            f"{m['generated_minus_this']:+.4f} ± {m['generated_minus_this_sem']:.4f}"
-        print(f"{name:24s} {m['final_frame_mse']:16.4f} {m['latent_cosine']:14.3f} {paired:>31s}")
-    print(f"{'(VAE round trip alone)':24s} {metrics['vae_reconstruction_mse']:16.4f}")
-    return metrics
-
-
-def side_by_side(real, real_rt, methods: dict, path: Path, rows: int = 3, n: int = 6) -> Path:
-    """PNG: for `rows` held-out states, strips of n frames: real, its VAE round trip, then each method."""
-    from PIL import Image, ImageDraw
-    strips = []
-    for i in range(min(rows, len(real))):
-        for name, videos in {"real": real, "real (VAE)": real_rt, **methods}.items():
-            strip = np.concatenate(list(resample(videos[i], n)), axis=1)  # (H, n*W, 3)
-            label = np.full((strip.shape[0], 150, 3), 255, np.uint8)
-            img = Image.fromarray(label); ImageDraw.Draw(img).text((4, strip.shape[0] // 2 - 6), name, fill=0)
-            strips.append(np.concatenate([np.asarray(img), strip], axis=1))
-        strips.append(np.full((6, strips[-1].shape[1], 3), 255, np.uint8))  # a gap between states
-    grid = Image.fromarray(np.concatenate(strips))
-    return atomic_write(path, lambda tmp: grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(tmp, format="PNG"))
-
-
 # =====================================================================================================
 # 4. Video-level reward (E2)
 # =====================================================================================================
@@ -1740,7 +1317,7 @@ def side_by_side(real, real_rt, methods: dict, path: Path, rows: int = 3, n: int
 #     "linspace": resample o_{0:t} to F frames (np.linspace), as the paper's code does;
 #     "window":   the last F frames at the goal video's frame spacing (the first frame repeated before t=0).
 # The default is the paper's: plain cosine (m = 0) of linspace clips. Two variants are offered and
-# measured beside it by `eval-reward` (section 7):
+# measured beside it by `eval-reward` (section 12):
 #   centring, m = the mean clip latent of exploratory episodes (--video-centre): every clip of a scene
 #     shares the static background, so the plain cosine lives in [0.90, 0.97]; subtracting m spreads it
 #     over [-0.2, 0.8]. But it also makes random-policy episodes' reward climb with time (the clip of a
@@ -1818,7 +1395,7 @@ def video_reward(vae, frames: np.ndarray, goal_latents: torch.Tensor, num_frames
 # =====================================================================================================
 # E3.  I* = argmax_k cos(CLIP_img(frame_k), CLIP_txt(prompt)),  frames of the generated goal video.
 # The text target is the normalised mean of the prompts' embeddings. Default (toy CLIP): one prompt, the
-# task's "done" caption (section 3a explains why the toy CLIP can tell "done" from "in progress"). The
+# task's "done" caption (section 3b explains why the toy CLIP can tell "done" from "in progress"). The
 # paper's code uses five generic grasp prompts with open_clip ViT-B-32; vdr uses the two that
 # the paper quotes, and those are what the `paper` preset uses.
 PAPER_GOAL_PROMPTS = ("robot arm grasping an object", "robotic gripper holding something")
@@ -1876,6 +1453,11 @@ FB_GAMMA = 0.98  # horizon ~50 steps: the scripted experts reach the goal in 30-
 def sample_z(n: int, d: int, gen: torch.Generator | None = None) -> torch.Tensor:
     """n task vectors on the sphere of radius sqrt(d): (n, d)."""
     return math.sqrt(d) * F.normalize(torch.randn(n, d, generator=gen), dim=-1)
+
+def mlp(inp: int, out: int, hidden: int) -> nn.Sequential:
+    """Two hidden ReLU layers: the networks of FB (here) and SAC (section 8)."""
+    return nn.Sequential(nn.Linear(inp, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                         nn.Linear(hidden, out))
 
 
 class ForwardMap(nn.Module):
@@ -2014,7 +1596,7 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
 
 
 # =====================================================================================================
-# 7. The total reward (E6), and how good the rewards are before any RL
+# 7. The total reward (E6)
 # =====================================================================================================
 # E6.  r_t = alpha * (r_video(t) - mu_video(t)) / sigma_video  +  beta * (r_fb(t) - mu_fb(t)) / sigma_fb  (+ r_env)
 # mu(t) is the term's mean at step t over exploratory (random-policy) episodes scored against the same
@@ -2114,7 +1696,7 @@ class GenerativeReward:
         return self.combine(self.terms(episode, goal), goal)
 
 
-# ---- 7b. baselines a user would otherwise pick ----
+# ---- 7b. the CLIP-text reward of VLM-RM, a baseline and a reward mode of its own ----
 def clip_text_prompts(args: Args) -> list[str]:
     """VLM-RM's text: the task's description. (Not the toy CLIP's "<task>, done" caption: that CLIP learned
     it from the demos' success flags, which would make the baseline a success detector trained on labels
@@ -2126,208 +1708,6 @@ def clip_text_prompts(args: Args) -> list[str]:
 def clip_text_reward(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -> np.ndarray:
     """VLM-RM (Rocamonde et al. 2024): r_t = cos(CLIP_img(o_t), CLIP_txt(prompt)) for t = 1..T -> (T,)."""
     return (frame_features(clip, frames[1:]) @ text_target(clip, tokenizer, prompts)).numpy()
-
-
-def pixel_reward(frames: np.ndarray, goal_frame: np.ndarray) -> np.ndarray:
-    """The negative mean squared pixel distance of o_t (t = 1..T) to the goal frame, in [0, 1] units -> (T,)."""
-    diff = (frames[1:].astype(np.float32) - goal_frame.astype(np.float32)) / 255
-    return -(diff ** 2).mean(axis=(1, 2, 3))
-
-
-# ---- 7c. eval-reward: rewards judged on held-out episodes whose outcome is known ----
-# For each reward, on held-out initial states, with episodes of every behaviour (section 2):
-#   voc         Spearman correlation of the per-step reward with time, averaged over the successful
-#               expert episodes (value-order correlation: a good reward rises as the task progresses);
-#   voc_random  the same on random-policy episodes: a control. A reward that rises with time whatever the
-#               agent does (e.g. because the clip o_{0:t} fills with motion) is no reward; want ~0;
-#   auroc       how well the episode's reward sum separates successful from failed episodes (all
-#               behaviours pooled): the probability that a random success outscores a random failure.
-# Every reward is run against two goals per initial state: the generated goal video, and an oracle (the
-# expert's real video from that state), so that goal-video quality and reward design can be told apart.
-def spearman(x: np.ndarray, y: np.ndarray) -> float:
-    """Spearman rank correlation (ties get their mean rank); 0 when either side is constant."""
-    def ranks(v):
-        order = np.argsort(v, kind="stable")
-        r = np.empty(len(v)); r[order] = np.arange(len(v))
-        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
-        return (np.bincount(inverse, r) / counts)[inverse]  # mean rank of each tie group
-    rx, ry = ranks(np.asarray(x)), ranks(np.asarray(y))
-    if rx.std() == 0 or ry.std() == 0:
-        return 0.0
-    return float(np.corrcoef(rx, ry)[0, 1])
-
-
-def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
-    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting 1/2."""
-    pos, neg = scores[labels], scores[~labels]
-    if len(pos) == 0 or len(neg) == 0:
-        return float("nan")
-    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg)))
-
-
-def reward_quality(rewards: dict[str, list[np.ndarray]], behaviours: list[str], success: np.ndarray) -> dict:
-    """{name: {"voc", "voc_random", "auroc"}} from per-step rewards {name: [(T,) per episode]}."""
-    success, behaviours = np.asarray(success), np.asarray(behaviours)
-    out = {}
-    for name, per_episode in rewards.items():
-        def voc(mask):
-            corr = [spearman(np.arange(len(r)), r) for r, m in zip(per_episode, mask) if m]
-            return float(np.mean(corr)) if corr else float("nan")
-        out[name] = {"voc": voc((behaviours == "expert") & success), "voc_random": voc(behaviours == "random"),
-                     "auroc": auroc(np.array([r.sum() for r in per_episode]), success)}
-    return out
-
-
-def auroc_by_failure(rewards: dict[str, list[np.ndarray]], behaviours: list[str], success: np.ndarray) -> dict:
-    """{name: {behaviour: auroc}}: all successes against the failures of one behaviour at a time (which
-    failures a reward cannot tell from success)."""
-    success, behaviours = np.asarray(success), np.asarray(behaviours)
-    out = {}
-    for name, per_episode in rewards.items():
-        sums = np.array([r.sum() for r in per_episode])
-        out[name] = {b: auroc(sums[success | (behaviours == b)], success[success | (behaviours == b)])
-                     for b in BEHAVIOURS if ((behaviours == b) & ~success).any()}
-    return out
-
-
-def offline_fb_key(args: Args, model) -> dict:
-    """What offline FB's data is made of, for train_fb's cache key: the expert demos, and the exploratory
-    random and noisy episodes (from training initial states 0..explore_episodes-1)."""
-    return {"clip": model.name, "demos": args.episodes, "explore": args.explore_episodes, "noise": NOISE_STD,
-            "actions": ACTION_STREAM, **data_key(args)}
-
-
-def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> dict:
-    """CLI `eval-reward`: every reward (r_video, r_fb, E6's combination, and baselines) on held-out episodes
-    of every behaviour, against generated and oracle goal videos. Writes metrics.json
-    ({reward: {voc, voc_random, auroc}}, the oracle's under "oracle"), reward_curves.png, goal_frames.png."""
-    from diffusers import AutoencoderKLCogVideoX
-    from tqdm import tqdm
-    out = Path(out or default_out(args, "eval-reward"))
-    t0 = time.time()
-    model = load_video_model(args)
-    # data: FB trains on the expert demos + exploratory episodes; the exploratory (random) ones also set
-    # E2's reference and E6's scales. All from training initial states; judging uses held-out ones.
-    demos = split_episodes(collect_demos(args, progress=progress))
-    explore = split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0, behaviour="random",
-                                           progress=progress))
-    noisy = split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0, behaviour="noisy",
-                                         progress=progress))
-    fb = train_fb(args, model.clip, demos + explore + noisy, key=offline_fb_key(args, model), progress=progress)
-    held_out, behaviours = [], []
-    for b in BEHAVIOURS:
-        held_out += split_episodes(collect_demos(args, episodes=args.eval_videos, seed0=HELDOUT_SEED0, behaviour=b,
-                                                 progress=progress))
-        behaviours += [b] * args.eval_videos
-    success = np.array([ep["success"].any() for ep in held_out])
-    # r_video's variants, each a row: centred on the exploratory mean latent; a window of the last frames
-    # instead of linspace; and through a VAE of the same architecture that never trained (what training buys)
-    g = GenerativeReward(args, model.vae, model.clip, model.tokenizer, fb, explore)
-    variants = {"vdr": g}
-    for name, change in (("r_video_centred", dict(video_centre=True)), ("r_video_window", dict(video_clip="window"))):
-        same_clips = change.get("video_clip", args.video_clip) == args.video_clip  # then reuse g's encoded clips
-        variants[name] = GenerativeReward(dataclasses.replace(args, **change), model.vae, model.clip, model.tokenizer,
-                                          fb, explore, state=g.state_dict() if same_clips else None)
-    if args.video_model == "toy":
-        torch.manual_seed(args.seed)
-        untrained = AutoencoderKLCogVideoX(**TOY_VAE_CONFIG).eval()
-        untrained.register_to_config(scaling_factor=model.vae.config.scaling_factor)
-        variants["r_video_untrained"] = GenerativeReward(args, untrained, model.clip, model.tokenizer, fb, explore)
-    latents, encoded = {}, {}  # E(clip_t) of every held-out episode, per variant (shared where VAE and clips agree)
-    for k, g in variants.items():
-        key = (id(g.vae), g.args.video_clip)
-        if key not in encoded:
-            encoded[key] = [g.latents(ep) for ep in tqdm(held_out, desc=f"encode [{k}]", disable=not progress)]
-        latents[k] = encoded[key]
-    expert = [ep for ep, b in zip(held_out, behaviours) if b == "expert"]
-    goal_videos = {"generated": [goal_video(args, model, ep["frames"][0], seed=args.seed + i)
-                                 for i, ep in enumerate(tqdm(expert, desc="goal videos", disable=not progress))],
-                   "oracle": [resample(ep["frames"], args.video_frames) for ep in expert]}
-    prompts = clip_text_prompts(args)
-    metrics = {"task": args.task, "episodes": {b: behaviours.count(b) for b in BEHAVIOURS},
-               "success_rate": {b: float(success[np.array(behaviours) == b].mean()) for b in BEHAVIOURS}}
-    curves = {}
-    for kind, videos in goal_videos.items():
-        goals = {k: [g.goal(v) for v in videos] for k, g in variants.items()}
-        rewards = {name: [] for name in ("combined", "r_video", "r_fb", *list(variants)[1:], "clip_text",
-                                         "pixel_distance", "clip_text_done", "dense")}
-        for j, ep in enumerate(held_out):
-            i = j % args.eval_videos  # the initial state, hence the goal, of this episode
-            goal = goals["vdr"][i]
-            terms = g.terms(ep, goal, latents["vdr"][j])
-            rewards["combined"].append(g.combine(terms, goal))
-            rewards["r_video"].append(terms["r_video"]); rewards["r_fb"].append(terms["r_fb"])
-            for name in list(variants)[1:]:
-                rewards[name].append(variants[name].terms(ep, goals[name][i], latents[name][j])["r_video"])
-            rewards["clip_text"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"], prompts))
-            if args.clip_model == "toy":
-                rewards["clip_text_done"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"],
-                                                                  goal_prompts(args)))
-            rewards["pixel_distance"].append(pixel_reward(ep["frames"], goal.video[goal.frame_index]))
-            rewards["dense"].append(ep["env_rewards"])
-        rewards = {k: v for k, v in rewards.items() if v}
-        quality = reward_quality(rewards, behaviours, success)
-        if kind == "generated":
-            metrics.update(quality)
-            metrics["auroc_by_failure"] = auroc_by_failure(rewards, behaviours, success)
-            curves = rewards
-            plot_goal_frames(goals["vdr"][:3], out / "goal_frames.png")
-        else:
-            metrics["oracle"] = quality
-    metrics["wall_seconds"] = time.time() - t0
-    write_json(out / "metrics.json", metrics)
-    plot_reward_curves(curves, behaviours, out / "reward_curves.png", args.task)
-    episodes = ", ".join(f"{n} {b} ({metrics['success_rate'][b]:.0%} successful)"
-                         for b, n in metrics["episodes"].items())
-    print(f"\n{args.task}: rewards on {len(held_out)} held-out episodes: {episodes} ({metrics['wall_seconds']:.0f} s)")
-    print(f"{'':20s} {'generated goal':^26s} | {'oracle goal':^26s} | auroc, successes vs failed:")
-    print(f"{'reward':20s} {'voc':>6s} {'voc_random':>11s} {'auroc':>6s}  | {'voc':>6s} {'voc_random':>11s} {'auroc':>6s}  | "
-          + " ".join(f"{b:>7s}" for b in metrics["auroc_by_failure"]["dense"]))
-    for name in curves:
-        g, o = metrics[name], metrics["oracle"][name]
-        print(f"{name:20s} {g['voc']:6.2f} {g['voc_random']:11.2f} {g['auroc']:6.2f}  | "
-              f"{o['voc']:6.2f} {o['voc_random']:11.2f} {o['auroc']:6.2f}  | "
-              + " ".join(f"{v:7.2f}" for v in metrics["auroc_by_failure"][name].values()))
-    return metrics
-
-
-def plot_reward_curves(rewards: dict[str, list[np.ndarray]], behaviours: list[str], path: Path, task: str) -> Path:
-    """One panel per reward: per-step reward against t for every held-out episode, coloured by behaviour."""
-    from matplotlib.figure import Figure
-    colours = {"expert": "tab:blue", "noisy": "tab:orange", "stopped": "tab:green", "random": "tab:red"}
-    cols = 4
-    fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(rewards) / cols)))
-    axes = fig.subplots(math.ceil(len(rewards) / cols), cols, squeeze=False).flatten()
-    for ax, (name, per_episode) in zip(axes, rewards.items()):
-        for r, b in zip(per_episode, behaviours):
-            ax.plot(np.arange(1, len(r) + 1), r, color=colours[b], alpha=0.5, lw=1)
-        ax.set(title=name, xlabel="env step t")
-    for b, c in colours.items():
-        axes[0].plot([], [], color=c, label=b)
-    axes[0].legend(fontsize=8)
-    for ax in axes[len(rewards):]:
-        ax.axis("off")
-    fig.suptitle(f"{task}: per-step rewards on held-out episodes (generated goal)")
-    fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
-
-
-def plot_goal_frames(goals: list[Goal], path: Path) -> Path:
-    """For each goal: its frames with E3's CLIP score under each, the chosen frame I* boxed in red."""
-    from matplotlib.figure import Figure
-    F_ = len(goals[0].video)
-    fig = Figure(figsize=(F_ * 0.9, 1.3 * len(goals)))
-    axes = fig.subplots(len(goals), F_, squeeze=False)
-    for row, goal in zip(axes, goals):
-        for k, ax in enumerate(row):
-            ax.imshow(goal.video[k]); ax.set_xticks([]); ax.set_yticks([])
-            ax.set_xlabel(f"{goal.clip_scores[k]:.2f}", fontsize=7)
-            if k == goal.frame_index:
-                for side in ax.spines.values():
-                    side.set(color="red", linewidth=3)
-    fig.suptitle("generated goal videos; E3's CLIP score under each frame, I* boxed")
-    fig.tight_layout()
-    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
 
 
 # =====================================================================================================
@@ -2544,7 +1924,7 @@ class SAC:
 
 
 # =====================================================================================================
-# 9. Training loop, evaluation, reports, and the command line
+# 9. The training loop: SAC on a reward mode, evaluated on held-out states
 # =====================================================================================================
 # Reward modes (--reward), all in one loop:
 #     gen        E6 alone, reward-free: alpha * r_video + beta * r_fb, standardised (section 7); the env's
@@ -2569,7 +1949,7 @@ class SAC:
 # raised the arm and held it still, and F rated that pose above the expert's whole path (assets/RESULTS.md,
 # section 8).
 # --fb-demos adds the task's expert demos (the finetuning episodes, with their states and actions) to FB's
-# replay, as eval-reward's FB has them (section 7c). Off by default, as in the paper: measured on one seed,
+# replay, as eval-reward's FB has them (section 12). Off by default, as in the paper: measured on one seed,
 # it moved the exploit on button-press (the gripper held beside the button) and made reach-v3 worse
 # (assets/RESULTS.md, section 8.7).
 # What the reward costs is timed in parts (EpisodeRewards.seconds; metrics.json's reward_seconds_by_part):
@@ -2703,10 +2083,6 @@ def evaluate(agent: SAC, env: MetaWorld, episodes: int) -> dict[str, float]:
             "eval/return": float(np.mean([r["env_rewards"].sum() for r in runs]))}
 
 
-def default_out(args: Args, command: str) -> Path:
-    return Path(args.out) if args.out else Path("runs") / command / f"{args.task}-{args.reward}-s{args.seed}"
-
-
 # Fields that say where a run writes and how `bench` schedules it, not what it computes: a checkpoint resumes
 # under a bench with other tasks, modes, seeds or workers, or from a copied folder.
 NOT_RUN_SETTINGS = ("out", "resume", "bench_tasks", "bench_modes", "bench_seeds", "workers", "report_states")
@@ -2833,38 +2209,6 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     return metrics
 
 
-DMC_EXPERT_STEPS = 50_000  # SAC steps (agent steps, action repeat 4) for a dm_control expert: assets/RESULTS.md, 9
-
-
-class Expert:
-    """A trained SAC actor as a scripted-expert stand-in: get_action(obs) -> its deterministic action."""
-
-    def __init__(self, agent: "SAC"):
-        self.agent = agent
-
-    def get_action(self, obs: np.ndarray) -> np.ndarray:
-        return self.agent.act(obs, deterministic=True)
-
-
-def dmc_expert(args: Args) -> Expert:
-    """dm_control's stand-in for a scripted expert: SAC trained DMC_EXPERT_STEPS on the task's own (dense)
-    reward from state, cached. The agent sees state, so the distractions (frames only) do not matter to it:
-    one expert serves every distraction setting, and its episodes are rendered with the distractions on."""
-    expert_args = dataclasses.replace(args, reward="dense", steps=DMC_EXPERT_STEPS, distraction="none", seed=0,
-                                      resume=True)
-    path = cache_path(args, "expert", ".pt", task=args.task, steps=DMC_EXPERT_STEPS, hidden=args.hidden,
-                      lr=(args.q_lr, args.policy_lr), repeat=DMC_ACTION_REPEAT, obs_norm=args.obs_norm)
-    if not path.exists():  # trained in a folder next to the cache file: an interrupted run resumes
-        print(f"training a SAC expert for {args.task} on its own reward ({DMC_EXPERT_STEPS} steps, cached)")
-        metrics = train(expert_args, path.with_suffix(".run"))
-        print(f"{args.task} expert: eval return {metrics['eval_return']:.0f} (of at most 1000)")
-        atomic_write(path, lambda tmp: torch.save(load_checkpoint(path.with_suffix(".run") / "agent.pt"), tmp))
-    with make_env(expert_args) as env:
-        agent = SAC(env.observation_space.shape[0], env.action_space.shape[0], expert_args)
-    agent.load_state_dict(load_checkpoint(path))
-    return Expert(agent)
-
-
 def plot_learning_curve(curve: list[dict], path: Path, title: str) -> Path:
     """Eval success and eval return against env steps and, where the curve has them (train() adds them), the
     training episodes' success and rewards' returns, each the mean over the interval that ends there."""
@@ -2898,24 +2242,431 @@ def plot_learning_curve(curve: list[dict], path: Path, title: str) -> Path:
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
 
 
-def collect(args: Args, out: Path | None = None) -> dict:
-    """CLI `collect`: expert demos for the task (cached), their success rate, and a frame strip to look at."""
-    out = Path(out or default_out(args, "collect"))
-    demos = collect_demos(args)
-    success = demos["success"].any(axis=1)  # (N,) succeeded at any step
-    first = [int(np.argmax(s)) + 1 if s.any() else None for s in demos["success"]]
-    metrics = {"task": args.task, "prompt": demos["prompt"], "episodes": int(len(success)),
-               "success_rate": float(success.mean()),
-               "mean_steps_to_success": float(np.mean([f for f in first if f is not None] or [np.nan])),
-               "mean_return": float(demos["env_rewards"].sum(1).mean())}  # dm_control's measure of an expert
-    save_frame_strip(demos["frames"][0], out / "demo_strip.png")
+# =====================================================================================================
+# 10. Plumbing used by every section: seeding, atomic files, cache keys, a metrics logger
+# =====================================================================================================
+# Grouped here so that the method reads without them: each is short, and none holds a method's idea.
+
+
+def seed_everything(seed: int) -> np.random.Generator:
+    """Seed torch's global generator and return a numpy Generator; same seed -> same numbers on CPU."""
+    torch.manual_seed(seed)
+    return np.random.default_rng(seed)
+
+
+def default_out(args: Args, command: str) -> Path:
+    return Path(args.out) if args.out else Path("runs") / command / f"{args.task}-{args.reward}-s{args.seed}"
+
+
+def atomic_write(path: Path, write) -> Path:
+    """Call write(tmp_path), then rename tmp_path to path: a crash never leaves a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        umask = os.umask(0); os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # what open() would have given (mkstemp makes it private: 0600)
+        os.replace(tmp, path)  # atomic on POSIX within one filesystem
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_dir(path: Path, write) -> Path:
+    """Call write(tmp_dir), then rename tmp_dir to path: the same for a folder (a saved model)."""
+    import shutil
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}."))
+    try:
+        write(tmp)
+        try:
+            os.replace(tmp, path)
+        except OSError:  # the folder exists: another process wrote it first (two runs finetuning one model)
+            if not path.is_dir():  # a cache entry is a function of its key, so theirs is as good as ours
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def write_json(path: Path, obj) -> Path:
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2) + "\n"))
+
+
+CACHE_VERSION = 1  # bump when a cached artefact's format or meaning changes, so stale caches are not reused
+
+
+def data_key(args: Args, task: str | None = None) -> dict:
+    """The settings that make the data (frames, episodes) of `task` (default args.task) what it is: part of
+    every trained model's key. A suite's own settings (the DCS distractions) count only for its tasks:
+    Meta-World ignores them, so a DCS run reuses the Meta-World demos and pretrained models."""
+    key = {"image_size": args.image_size, "camera": args.camera, "episode_length": args.episode_length}
+    if suite := task_suite(task or args.task):
+        key |= suite.data_key(args)
+    return key
+
+
+def cache_path(args: Args, kind: str, suffix: str, **inputs) -> Path:
+    """runs/cache/<kind>/<task>-<hash of the inputs>.<suffix>: the same inputs find the same file."""
+    key = json.dumps({"v": CACHE_VERSION, **inputs}, sort_keys=True)
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return Path(args.cache_dir) / kind / f"{inputs.get('task', 'all')}-{digest}{suffix}"
+
+
+class Logger:
+    """Writes {"step": s, **metrics} lines to out/log.jsonl (and to TensorBoard when it is installed).
+    Metric names are grouped as in CleanRL: charts/..., losses/..., eval/..."""
+
+    def __init__(self, out: Path, keep_bytes: int | None = None):
+        """A new log; or, with keep_bytes (a resumed run), the old one cut back to its first keep_bytes."""
+        if keep_bytes is None:
+            self.file = open(Path(out) / "log.jsonl", "w")
+        else:
+            self.file = open(Path(out) / "log.jsonl", "r+")
+            self.file.truncate(keep_bytes)
+            self.file.seek(keep_bytes)
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            self.tb = SummaryWriter(str(out))
+        except ImportError:  # tensorboard is optional
+            self.tb = None
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.tb:
+            for k, v in metrics.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb:
+            self.tb.close()
+
+
+# #####################################################################################################
+# PART II. EXPERIMENTS AND EXTENSIONS: what a researcher uses to measure the method.
+# eval-video, eval-reward and its baselines, the main job and its report, the bench, the Distracting
+# Control Suite, and the command line. Each section uses Part I's functions; none changes them.
+# #####################################################################################################
+
+
+# =====================================================================================================
+# 11. How good are the goal videos? `eval-video`
+# =====================================================================================================
+# On held-out initial states, the scripted expert's real video is the reference. The task changes few
+# pixels (arm, object), so the score looks only there: the mask is where the real video's last frame
+# differs from its first. Every video is compared as a VAE decoder output (the real one and the baselines
+# after the same round trip D(E(V)), the generated one as decoded), so the VAE's blur counts against no
+# method; the VAE's own error on the mask is reported beside. All methods are scored on the same states, so
+# each baseline is compared with the generator state by state (paired), with the standard error of the mean
+# difference: one goal video is one draw of the sampler, and with 10 states that error is as large as the
+# differences between methods (assets/RESULTS.md, section 3).
+MASK_THRESHOLD = 24  # uint8 levels (~10% of 255) a pixel must change by to count as changed by the task:
+                     # the arm and the object, not faint shading
+
+
+@torch.no_grad()
+def round_trip(vae, videos: np.ndarray) -> np.ndarray:
+    """D(E(V)) for videos (N, F, H, W, 3) uint8 -> same shape."""
+    return np.concatenate([to_frames(vae_decode(vae, vae_encode(vae, to_video_tensor(v[None])))) for v in videos])
+
+
+def latent_cosine(vae, a: np.ndarray, b: np.ndarray) -> float:
+    """E2's similarity between two videos (F, H, W, 3): cosine of their flattened VAE latents."""
+    with torch.no_grad():
+        za, zb = (vae_encode(vae, to_video_tensor(v[None])).flatten() for v in (a, b))
+    return float(F.cosine_similarity(za, zb, dim=0))
+
+
+def eval_video(args: Args, out: Path | None = None, progress: bool = True) -> dict:
+    """CLI `eval-video`: generated goal videos vs the expert's real videos on held-out initial states,
+    against two baselines: (a) the first frame repeated, (b) the training demo with the nearest first
+    frame. Writes metrics.json ({method: {final_frame_mse, latent_cosine}, with per-state errors and, for each
+    baseline, the paired difference generated - baseline and its standard error}) and side_by_side.png."""
+    from tqdm import tqdm
+    out = Path(out or default_out(args, "eval-video"))
+    model = load_video_model(args)
+    demos = training_videos(args, collect_demos(args, progress=progress))  # (N, F, H, W, 3)
+    real = training_videos(args, collect_demos(args, seed0=HELDOUT_SEED0, episodes=args.eval_videos,
+                                               progress=progress))  # (M, F, H, W, 3)
+    t0, generated = time.time(), []
+    for i, video in enumerate(tqdm(real, desc="generate", disable=not progress)):
+        generated.append(goal_video(args, model, video[0], seed=args.seed + i))
+    seconds = (time.time() - t0) / len(real)
+    nearest = [demos[np.argmin(((demos[:, 0].astype(np.float32) - v[0]) ** 2).sum(axis=(1, 2, 3)))] for v in real]
+    methods = {"generated": np.stack(generated), "first_frame_repeated": np.repeat(real[:, :1], real.shape[1], 1),
+               "nearest_demo": np.stack(nearest)}
+    real_rt = round_trip(model.vae, real)
+    # mask (M, H, W): pixels where the task changed the real video
+    mask = np.abs(real[:, -1].astype(np.int16) - real[:, 0]).max(-1) > MASK_THRESHOLD
+
+    def masked_mse(a, b):  # a, b (M, H, W, 3) uint8 -> (M',) the MSE on each video's mask, in [0, 1]^2
+        err = ((a.astype(np.float32) - b) / 255) ** 2
+        return np.array([e[m].mean() for e, m in zip(err, mask) if m.any()])
+
+    metrics = {"task": args.task, "videos": len(real), "frames": args.video_frames,
+               "mask_fraction": float(mask.mean()), "seconds_per_video": seconds,
+               "vae_reconstruction_mse": float(masked_mse(real_rt[:, -1], real[:, -1]).mean())}
+    # every video is scored as one VAE decoder output: the real video and the baselines after one round
+    # trip D(E(.)), the generated one as generated, D(x0) (a second round trip would blur it twice)
+    rts = {name: videos if name == "generated" else round_trip(model.vae, videos) for name, videos in methods.items()}
+    errors = {name: masked_mse(rts[name][:, -1], real_rt[:, -1]) for name in methods}  # each (M',)
+    for name, videos in methods.items():
+        metrics[name] = {"final_frame_mse": float(errors[name].mean()),
+                         "final_frame_mse_per_video": errors[name].tolist(),
+                         "latent_cosine": float(np.mean([latent_cosine(model.vae, v, r) for v, r in zip(videos, real)]))}
+        if name != "generated":  # paired over the same states: generated minus this baseline, and its std error
+            diff = errors["generated"] - errors[name]  # (M',)
+            sem = diff.std(ddof=1) / np.sqrt(len(diff)) if len(diff) > 1 else float("nan")
+            metrics[name].update(generated_minus_this=float(diff.mean()), generated_minus_this_sem=float(sem))
+    metrics["generated"]["final_frame_mse_after_another_round_trip"] = float(masked_mse(
+        round_trip(model.vae, methods["generated"])[:, -1], real_rt[:, -1]).mean())
     write_json(out / "metrics.json", metrics)
-    print(f"{args.task}: expert success {metrics['success_rate']:.2f} over {len(success)} episodes "
-          f"(first success after {metrics['mean_steps_to_success']:.0f} steps on average; return "
-          f"{metrics['mean_return']:.0f}); frames {demos['frames'].shape[1:]} -> {out}")
+    side_by_side(real, real_rt, methods, out / "side_by_side.png")
+    print(f"\n{args.task}: goal videos vs the expert's real video on {len(real)} held-out initial states "
+          f"({seconds:.1f} s per generated video)")
+    print(f"{'method':24s} {'final_frame_mse':>16s} {'latent_cosine':>14s} {'generated - this (paired, sem)':>31s}")
+    for name in methods:
+        m = metrics[name]
+        paired = "" if name == "generated" else \
+            f"{m['generated_minus_this']:+.4f} ± {m['generated_minus_this_sem']:.4f}"
+        print(f"{name:24s} {m['final_frame_mse']:16.4f} {m['latent_cosine']:14.3f} {paired:>31s}")
+    print(f"{'(VAE round trip alone)':24s} {metrics['vae_reconstruction_mse']:16.4f}")
     return metrics
 
 
+def side_by_side(real, real_rt, methods: dict, path: Path, rows: int = 3, n: int = 6) -> Path:
+    """PNG: for `rows` held-out states, strips of n frames: real, its VAE round trip, then each method."""
+    from PIL import Image, ImageDraw
+    strips = []
+    for i in range(min(rows, len(real))):
+        for name, videos in {"real": real, "real (VAE)": real_rt, **methods}.items():
+            strip = np.concatenate(list(resample(videos[i], n)), axis=1)  # (H, n*W, 3)
+            label = np.full((strip.shape[0], 150, 3), 255, np.uint8)
+            img = Image.fromarray(label); ImageDraw.Draw(img).text((4, strip.shape[0] // 2 - 6), name, fill=0)
+            strips.append(np.concatenate([np.asarray(img), strip], axis=1))
+        strips.append(np.full((6, strips[-1].shape[1], 3), 255, np.uint8))  # a gap between states
+    grid = Image.fromarray(np.concatenate(strips))
+    return atomic_write(path, lambda tmp: grid.resize((grid.width * 2, grid.height * 2), Image.NEAREST).save(tmp, format="PNG"))
+
+
+# =====================================================================================================
+# 12. How good are the rewards before any RL? `eval-reward`, with the baselines
+# =====================================================================================================
+# For each reward, on held-out initial states, with episodes of every behaviour (section 2):
+#   voc         Spearman correlation of the per-step reward with time, averaged over the successful
+#               expert episodes (value-order correlation: a good reward rises as the task progresses);
+#   voc_random  the same on random-policy episodes: a control. A reward that rises with time whatever the
+#               agent does (e.g. because the clip o_{0:t} fills with motion) is no reward; want ~0;
+#   auroc       how well the episode's reward sum separates successful from failed episodes (all
+#               behaviours pooled): the probability that a random success outscores a random failure.
+# Every reward is run against two goals per initial state: the generated goal video, and an oracle (the
+# expert's real video from that state), so that goal-video quality and reward design can be told apart.
+def spearman(x: np.ndarray, y: np.ndarray) -> float:
+    """Spearman rank correlation (ties get their mean rank); 0 when either side is constant."""
+    def ranks(v):
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v)); r[order] = np.arange(len(v))
+        _, inverse, counts = np.unique(v, return_inverse=True, return_counts=True)
+        return (np.bincount(inverse, r) / counts)[inverse]  # mean rank of each tie group
+    rx, ry = ranks(np.asarray(x)), ranks(np.asarray(y))
+    if rx.std() == 0 or ry.std() == 0:
+        return 0.0
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def pixel_reward(frames: np.ndarray, goal_frame: np.ndarray) -> np.ndarray:
+    """The negative mean squared pixel distance of o_t (t = 1..T) to the goal frame, in [0, 1] units -> (T,)."""
+    diff = (frames[1:].astype(np.float32) - goal_frame.astype(np.float32)) / 255
+    return -(diff ** 2).mean(axis=(1, 2, 3))
+
+
+def auroc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Area under the ROC curve: P(score of a positive > score of a negative), ties counting 1/2."""
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        return float("nan")
+    return float(((pos[:, None] > neg[None]).sum() + 0.5 * (pos[:, None] == neg[None]).sum()) / (len(pos) * len(neg)))
+
+
+def reward_quality(rewards: dict[str, list[np.ndarray]], behaviours: list[str], success: np.ndarray) -> dict:
+    """{name: {"voc", "voc_random", "auroc"}} from per-step rewards {name: [(T,) per episode]}."""
+    success, behaviours = np.asarray(success), np.asarray(behaviours)
+    out = {}
+    for name, per_episode in rewards.items():
+        def voc(mask):
+            corr = [spearman(np.arange(len(r)), r) for r, m in zip(per_episode, mask) if m]
+            return float(np.mean(corr)) if corr else float("nan")
+        out[name] = {"voc": voc((behaviours == "expert") & success), "voc_random": voc(behaviours == "random"),
+                     "auroc": auroc(np.array([r.sum() for r in per_episode]), success)}
+    return out
+
+
+def auroc_by_failure(rewards: dict[str, list[np.ndarray]], behaviours: list[str], success: np.ndarray) -> dict:
+    """{name: {behaviour: auroc}}: all successes against the failures of one behaviour at a time (which
+    failures a reward cannot tell from success)."""
+    success, behaviours = np.asarray(success), np.asarray(behaviours)
+    out = {}
+    for name, per_episode in rewards.items():
+        sums = np.array([r.sum() for r in per_episode])
+        out[name] = {b: auroc(sums[success | (behaviours == b)], success[success | (behaviours == b)])
+                     for b in BEHAVIOURS if ((behaviours == b) & ~success).any()}
+    return out
+
+
+def offline_fb_key(args: Args, model) -> dict:
+    """What offline FB's data is made of, for train_fb's cache key: the expert demos, and the exploratory
+    random and noisy episodes (from training initial states 0..explore_episodes-1)."""
+    return {"clip": model.name, "demos": args.episodes, "explore": args.explore_episodes, "noise": NOISE_STD,
+            "actions": ACTION_STREAM, **data_key(args)}
+
+
+def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> dict:
+    """CLI `eval-reward`: every reward (r_video, r_fb, E6's combination, and baselines) on held-out episodes
+    of every behaviour, against generated and oracle goal videos. Writes metrics.json
+    ({reward: {voc, voc_random, auroc}}, the oracle's under "oracle"), reward_curves.png, goal_frames.png."""
+    from diffusers import AutoencoderKLCogVideoX
+    from tqdm import tqdm
+    out = Path(out or default_out(args, "eval-reward"))
+    t0 = time.time()
+    model = load_video_model(args)
+    # data: FB trains on the expert demos + exploratory episodes; the exploratory (random) ones also set
+    # E2's reference and E6's scales. All from training initial states; judging uses held-out ones.
+    demos = split_episodes(collect_demos(args, progress=progress))
+    explore = split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0, behaviour="random",
+                                           progress=progress))
+    noisy = split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0, behaviour="noisy",
+                                         progress=progress))
+    fb = train_fb(args, model.clip, demos + explore + noisy, key=offline_fb_key(args, model), progress=progress)
+    held_out, behaviours = [], []
+    for b in BEHAVIOURS:
+        held_out += split_episodes(collect_demos(args, episodes=args.eval_videos, seed0=HELDOUT_SEED0, behaviour=b,
+                                                 progress=progress))
+        behaviours += [b] * args.eval_videos
+    success = np.array([ep["success"].any() for ep in held_out])
+    # r_video's variants, each a row: centred on the exploratory mean latent; a window of the last frames
+    # instead of linspace; and through a VAE of the same architecture that never trained (what training buys)
+    g = GenerativeReward(args, model.vae, model.clip, model.tokenizer, fb, explore)
+    variants = {"vdr": g}
+    for name, change in (("r_video_centred", dict(video_centre=True)), ("r_video_window", dict(video_clip="window"))):
+        same_clips = change.get("video_clip", args.video_clip) == args.video_clip  # then reuse g's encoded clips
+        variants[name] = GenerativeReward(dataclasses.replace(args, **change), model.vae, model.clip, model.tokenizer,
+                                          fb, explore, state=g.state_dict() if same_clips else None)
+    if args.video_model == "toy":
+        torch.manual_seed(args.seed)
+        untrained = AutoencoderKLCogVideoX(**TOY_VAE_CONFIG).eval()
+        untrained.register_to_config(scaling_factor=model.vae.config.scaling_factor)
+        variants["r_video_untrained"] = GenerativeReward(args, untrained, model.clip, model.tokenizer, fb, explore)
+    latents, encoded = {}, {}  # E(clip_t) of every held-out episode, per variant (shared where VAE and clips agree)
+    for k, g in variants.items():
+        key = (id(g.vae), g.args.video_clip)
+        if key not in encoded:
+            encoded[key] = [g.latents(ep) for ep in tqdm(held_out, desc=f"encode [{k}]", disable=not progress)]
+        latents[k] = encoded[key]
+    expert = [ep for ep, b in zip(held_out, behaviours) if b == "expert"]
+    goal_videos = {"generated": [goal_video(args, model, ep["frames"][0], seed=args.seed + i)
+                                 for i, ep in enumerate(tqdm(expert, desc="goal videos", disable=not progress))],
+                   "oracle": [resample(ep["frames"], args.video_frames) for ep in expert]}
+    prompts = clip_text_prompts(args)
+    metrics = {"task": args.task, "episodes": {b: behaviours.count(b) for b in BEHAVIOURS},
+               "success_rate": {b: float(success[np.array(behaviours) == b].mean()) for b in BEHAVIOURS}}
+    curves = {}
+    for kind, videos in goal_videos.items():
+        goals = {k: [g.goal(v) for v in videos] for k, g in variants.items()}
+        rewards = {name: [] for name in ("combined", "r_video", "r_fb", *list(variants)[1:], "clip_text",
+                                         "pixel_distance", "clip_text_done", "dense")}
+        for j, ep in enumerate(held_out):
+            i = j % args.eval_videos  # the initial state, hence the goal, of this episode
+            goal = goals["vdr"][i]
+            terms = g.terms(ep, goal, latents["vdr"][j])
+            rewards["combined"].append(g.combine(terms, goal))
+            rewards["r_video"].append(terms["r_video"]); rewards["r_fb"].append(terms["r_fb"])
+            for name in list(variants)[1:]:
+                rewards[name].append(variants[name].terms(ep, goals[name][i], latents[name][j])["r_video"])
+            rewards["clip_text"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"], prompts))
+            if args.clip_model == "toy":
+                rewards["clip_text_done"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"],
+                                                                  goal_prompts(args)))
+            rewards["pixel_distance"].append(pixel_reward(ep["frames"], goal.video[goal.frame_index]))
+            rewards["dense"].append(ep["env_rewards"])
+        rewards = {k: v for k, v in rewards.items() if v}
+        quality = reward_quality(rewards, behaviours, success)
+        if kind == "generated":
+            metrics.update(quality)
+            metrics["auroc_by_failure"] = auroc_by_failure(rewards, behaviours, success)
+            curves = rewards
+            plot_goal_frames(goals["vdr"][:3], out / "goal_frames.png")
+        else:
+            metrics["oracle"] = quality
+    metrics["wall_seconds"] = time.time() - t0
+    write_json(out / "metrics.json", metrics)
+    plot_reward_curves(curves, behaviours, out / "reward_curves.png", args.task)
+    episodes = ", ".join(f"{n} {b} ({metrics['success_rate'][b]:.0%} successful)"
+                         for b, n in metrics["episodes"].items())
+    print(f"\n{args.task}: rewards on {len(held_out)} held-out episodes: {episodes} ({metrics['wall_seconds']:.0f} s)")
+    print(f"{'':20s} {'generated goal':^26s} | {'oracle goal':^26s} | auroc, successes vs failed:")
+    print(f"{'reward':20s} {'voc':>6s} {'voc_random':>11s} {'auroc':>6s}  | {'voc':>6s} {'voc_random':>11s} {'auroc':>6s}  | "
+          + " ".join(f"{b:>7s}" for b in metrics["auroc_by_failure"]["dense"]))
+    for name in curves:
+        g, o = metrics[name], metrics["oracle"][name]
+        print(f"{name:20s} {g['voc']:6.2f} {g['voc_random']:11.2f} {g['auroc']:6.2f}  | "
+              f"{o['voc']:6.2f} {o['voc_random']:11.2f} {o['auroc']:6.2f}  | "
+              + " ".join(f"{v:7.2f}" for v in metrics["auroc_by_failure"][name].values()))
+    return metrics
+
+
+def plot_reward_curves(rewards: dict[str, list[np.ndarray]], behaviours: list[str], path: Path, task: str) -> Path:
+    """One panel per reward: per-step reward against t for every held-out episode, coloured by behaviour."""
+    from matplotlib.figure import Figure
+    colours = {"expert": "tab:blue", "noisy": "tab:orange", "stopped": "tab:green", "random": "tab:red"}
+    cols = 4
+    fig = Figure(figsize=(4 * cols, 3 * math.ceil(len(rewards) / cols)))
+    axes = fig.subplots(math.ceil(len(rewards) / cols), cols, squeeze=False).flatten()
+    for ax, (name, per_episode) in zip(axes, rewards.items()):
+        for r, b in zip(per_episode, behaviours):
+            ax.plot(np.arange(1, len(r) + 1), r, color=colours[b], alpha=0.5, lw=1)
+        ax.set(title=name, xlabel="env step t")
+    for b, c in colours.items():
+        axes[0].plot([], [], color=c, label=b)
+    axes[0].legend(fontsize=8)
+    for ax in axes[len(rewards):]:
+        ax.axis("off")
+    fig.suptitle(f"{task}: per-step rewards on held-out episodes (generated goal)")
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+
+
+def plot_goal_frames(goals: list[Goal], path: Path) -> Path:
+    """For each goal: its frames with E3's CLIP score under each, the chosen frame I* boxed in red."""
+    from matplotlib.figure import Figure
+    F_ = len(goals[0].video)
+    fig = Figure(figsize=(F_ * 0.9, 1.3 * len(goals)))
+    axes = fig.subplots(len(goals), F_, squeeze=False)
+    for row, goal in zip(axes, goals):
+        for k, ax in enumerate(row):
+            ax.imshow(goal.video[k]); ax.set_xticks([]); ax.set_yticks([])
+            ax.set_xlabel(f"{goal.clip_scores[k]:.2f}", fontsize=7)
+            if k == goal.frame_index:
+                for side in ax.spines.values():
+                    side.set(color="red", linewidth=3)
+    fig.suptitle("generated goal videos; E3's CLIP score under each frame, I* boxed")
+    fig.tight_layout()
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
+
+
+# =====================================================================================================
+# 13. The main job, and the report of a finished run
+# =====================================================================================================
+# `run` (the default command) is the whole method on one task, at a budget of minutes on a CPU: demos, the
+# video model, SAC on the generative reward, evaluation, then `report`. `report` rolls out a finished
+# run's agent, the scripted expert and random actions from held-out states and scores each with the run's
+# own reward, term by term: what the agent is paid for, next to what the expert would be.
+#
 # The main job's budget: what `python vdr.py` (the `run` command, tiny preset) changes from the tiny
 # defaults so that the whole pipeline takes minutes on 2 CPU cores (assets/RESULTS.md, section 1). The toy
 # video model trains at about half the budget of `pretrain`/`finetune` (its own cache keys; eval-video and
@@ -3044,7 +2795,12 @@ def plot_reward_vs_time(curves: dict[str, dict[str, np.ndarray]], path: Path, ta
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=80, format="png"))
 
 
-# ---- the benchmark: tasks x reward modes x seeds, in parallel processes, resumable ----
+# =====================================================================================================
+# 14. The benchmark: tasks x reward modes x seeds, in parallel processes, resumable
+# =====================================================================================================
+# `bench` makes one `train` run per (task, reward mode, seed), each in a worker process with its share of
+# the cores, skips finished runs and resumes interrupted ones, then writes results.csv, summary.md and
+# one learning-curve figure per task. Each seed's video model is trained once, before the workers start.
 def bench_seed_list(spec: str | int) -> list[int]:
     """--bench-seeds: '3' -> [1, 2, 3] (a count); '2,3' -> [2, 3] and '3,' -> [3] (the seeds themselves)."""
     try:
@@ -3054,6 +2810,9 @@ def bench_seed_list(spec: str | int) -> list[int]:
     if not seeds or min(seeds) <= 0 or len(set(seeds)) < len(seeds):
         raise VdrError(f"--bench-seeds must be a count such as 3 or distinct positive seeds such as 2,3; got {spec!r}")
     return seeds if "," in str(spec) else list(range(1, seeds[0] + 1))
+
+
+ARG_CHECKS.append(lambda args: bench_seed_list(args.bench_seeds))  # a bad --bench-seeds stops in check_args
 
 
 def bench_run(job: tuple) -> dict:
@@ -3157,6 +2916,344 @@ def plot_bench_curves(rows: list[dict], modes: list[str], path: Path, task: str,
     ax.legend(fontsize=8)
     fig.tight_layout()
     return atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=100, format="png"))
+
+
+# =====================================================================================================
+# 15. The Distracting Control Suite [6]: dm_control tasks [7] under distraction
+# =====================================================================================================
+# The same interface as MetaWorld: state for the agent (dm_control's observation dict, flattened), frames for
+# the reward, the task's own reward to evaluate. dm_control rewards lie in [0, 1] per control step; an
+# episode is the suite's 1000 control steps, played at action repeat DMC_ACTION_REPEAT (so 250 agent steps;
+# --episode-length is Meta-World's), and its return (at most 1000) is the number DCS papers report.
+# info["success"]: the step's reward is at least 0.9 (reacher and ball_in_cup pay exactly 1 in the target).
+#
+# DCS [6] adds three distractions to the frames, each at a difficulty scale s (easy 0.1, medium 0.2,
+# hard 0.3, as published), drawn at reset and, if dynamic, drifting within the episode:
+#   color       every material's and geom's RGB shifted by U(-s, s) per channel (dynamic: a random walk
+#               with step std 0.03 s, kept within s of the original);
+#   camera      the camera orbits its look-at point: azimuth and elevation by U(-pi/2 s, pi/2 s), roll by the
+#               same, distance scaled by U(1 - 0.5 s, 1 + 1.5 s) (dynamic: random-walk velocities, std 0.1 s,
+#               at most 0.4 s per step; roll std pi/300 s, at most pi/50 s); but for reacher, the camera stays
+#               above its original elevation ("upper quadrant"), so it never looks from under the floor;
+#   background  the sky replaced by a video (a folder of frames: DAVIS 2017, which DCS uses; by default a
+#               procedural moving pattern, since no dataset downloads here), and the floor made see-through
+#               (alpha 0.3; reacher 0; cheetah and walker keep it opaque), as DCS does. Videos per difficulty
+#               as in DCS: 4 / 8 / all (procedural: 16). Dynamic: the video plays, one frame per agent step.
+# DCS edits the camera in the model and uploads the video into the skybox texture; vdr does the same
+# things to the picture without touching the model: the camera is moved in the rendered scene (after
+# MuJoCo has placed it, so tracking cameras still track), and the background is composited where a
+# segmentation render shows sky (and, blended, floor). No distraction changes the physics.
+DMC_TASKS = ("cartpole-swingup", "reacher-easy", "finger-spin", "cheetah-run", "walker-walk", "ball_in_cup-catch")
+DMC_ACTION_REPEAT = 4  # the usual choice for these tasks at this budget (PlaNet, DrQ: 2-8)
+DIFFICULTY_SCALE = {"easy": 0.1, "medium": 0.2, "hard": 0.3}
+DISTRACTIONS = ("color", "camera", "background")
+BACKGROUND_VIDEOS = {"easy": 4, "medium": 8, "hard": None}  # None: every video in the folder
+PROCEDURAL_VIDEOS = 16  # the procedural background's "all"
+FLOOR_ALPHA = {"reacher": 0.0, "cheetah": 1.0, "walker": 1.0}  # DCS's ground-plane alpha; others 0.3
+
+
+def check_distractions(distraction: str, difficulty: str) -> tuple[str, ...]:
+    """'none' or a comma-separated subset of DISTRACTIONS ('all' = every one) -> the tuple of them."""
+    if difficulty not in DIFFICULTY_SCALE:
+        raise VdrError(f"unknown --difficulty {difficulty!r}; choose one of: {', '.join(DIFFICULTY_SCALE)}")
+    if distraction == "none":
+        return ()
+    names = DISTRACTIONS if distraction == "all" else tuple(distraction.split(","))
+    for name in names:
+        if name not in DISTRACTIONS:
+            raise VdrError(f"unknown distraction {name!r}; use 'none', 'all' or a comma-separated subset of: "
+                           f"{', '.join(DISTRACTIONS)}")
+    return names
+
+
+def rotate(v: np.ndarray, axis: np.ndarray, angle: float) -> np.ndarray:
+    """v (3,) rotated by `angle` radians about the unit vector `axis` (Rodrigues' formula)."""
+    return v * np.cos(angle) + np.cross(axis, v) * np.sin(angle) + axis * (axis @ v) * (1 - np.cos(angle))
+
+
+def load_backgrounds(folder: str, videos: int | None, size: int) -> list[np.ndarray]:
+    """The first `videos` videos (all if None) of a folder of videos, each a sub-folder of frames (as
+    DAVIS's JPEGImages/480p/<video>/00000.jpg), or a single folder of frames: [(T, size, size, 3) uint8]."""
+    from PIL import Image
+    root = Path(folder)
+    if not root.is_dir():
+        raise VdrError(f"background folder {folder} does not exist; give a folder of videos (e.g. DAVIS 2017 "
+                       "JPEGImages/480p) or leave --background-dir empty for the procedural background")
+    images = (".jpg", ".jpeg", ".png")
+    dirs = sorted(d for d in root.iterdir() if d.is_dir()) or [root]
+    out = []
+    for d in dirs[:videos]:
+        files = sorted(f for f in d.iterdir() if f.suffix.lower() in images)
+        if files:
+            out.append(np.stack([np.asarray(Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR))
+                                 for f in files]))
+    if not out:
+        raise VdrError(f"no .jpg/.png frames found in {folder} or its sub-folders")
+    return out
+
+
+class ProceduralVideo:
+    """The default background video number `index`: three coloured sinusoidal gratings drifting in their own
+    directions, with the video's own colours and speeds. video[t] -> (size, size, 3) uint8, made on demand."""
+
+    def __init__(self, index: int, size: int, length: int = 1000):
+        g = np.random.default_rng(index)  # the video's fixed parameters
+        self.waves = [(g.uniform(0, 2 * np.pi), g.uniform(2, 6), g.uniform(0.05, 0.2), g.uniform(0, 2 * np.pi),
+                       g.uniform(0, 1, 3)) for _ in range(3)]  # angle, frequency, speed, phase, colour
+        self.y, self.x = np.mgrid[0:size, 0:size] / size  # (size, size) each, in [0, 1)
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, t: int) -> np.ndarray:
+        img = 0.0
+        for angle, freq, speed, phase, colour in self.waves:
+            along = self.x * np.cos(angle) + self.y * np.sin(angle)  # (size, size)
+            img = img + (0.5 + 0.5 * np.sin(2 * np.pi * freq * along + speed * t + phase))[..., None] * colour
+        return (255 * img / img.max()).astype(np.uint8)  # (size, size, 3)
+
+
+class DMControl:
+    """A dm_control suite task behind the MetaWorld interface, with DCS distractions on its frames.
+
+    obs: (obs_dim,) float32, dm_control's observations flattened.  action: (act_dim,) float32 in [-1, 1].
+    info["success"]: 1.0 when the step's reward is >= 0.9.  render(): (H, W, 3) uint8, distracted."""
+
+    def __init__(self, task: str, image_size: int = 64, camera: int = 0, distraction: str = "none",
+                 difficulty: str = "easy", dynamic: bool = False, background_dir: str = ""):
+        import gymnasium
+        import mujoco
+        from dm_control import suite
+
+        self.task, self.domain, self.camera, self.image_size = task, task.split("-")[0], camera, image_size
+        self.env = suite.load(self.domain, task.split("-")[1])
+        self.physics, self.episode_length, self.t = self.env.physics, 1000 // DMC_ACTION_REPEAT, 0
+        obs_dim = sum(int(np.prod(v.shape)) for v in self.env.observation_spec().values())
+        spec = self.env.action_spec()
+        assert np.all(spec.minimum == -1) and np.all(spec.maximum == 1)
+        self.observation_space = gymnasium.spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        self.action_space = gymnasium.spaces.Box(-1.0, 1.0, spec.shape, np.float32)
+        model = self.physics.model.ptr
+        model.vis.quality.offsamples = 0  # as for Meta-World: no multisampling, no shadows, no reflections
+        self.renderer = mujoco.Renderer(model, image_size, image_size)
+        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
+        self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+
+        self.distractions = check_distractions(distraction, difficulty)
+        self.scale, self.dynamic = DIFFICULTY_SCALE[difficulty], dynamic
+        self.rgba0 = {"mat_rgba": model.mat_rgba.copy(), "geom_rgba": model.geom_rgba.copy()}  # the originals
+        if "background" in self.distractions:
+            videos = BACKGROUND_VIDEOS[difficulty]
+            self.backgrounds = (load_backgrounds(background_dir, videos, image_size) if background_dir else
+                                [ProceduralVideo(i, image_size) for i in range(videos or PROCEDURAL_VIDEOS)])
+            self.floor = [i for i in range(model.ngeom) if model.geom_type[i] == mujoco.mjtGeom.mjGEOM_PLANE]
+            self.floor_alpha = FLOOR_ALPHA.get(self.domain, 0.3)
+        self.rng = np.random.default_rng(0)
+
+    def obs(self, time_step) -> np.ndarray:
+        return np.concatenate([np.ravel(v) for v in time_step.observation.values()]).astype(np.float32)
+
+    def reset(self, seed: int | None = None, options: dict | None = None):
+        if seed is not None:  # dm_control draws initial states from its task's RandomState
+            self.env.task.random.seed(seed)
+            self.rng = np.random.default_rng([seed, 1])  # the distractions' own stream: same seed, same frames
+        time_step = self.env.reset()
+        self.t = 0
+        s = self.scale
+        if "color" in self.distractions:
+            self.color = {k: self.rng.uniform(-s, s, v[:, :3].shape) for k, v in self.rgba0.items()}
+            self.set_colors()
+        if "camera" in self.distractions:  # azimuth, elevation, roll (radians), distance factor
+            low = np.array([-np.pi / 2 * s, -np.pi / 2 * s, -np.pi / 2 * s, 1 - 0.5 * s])
+            high = np.array([np.pi / 2 * s, np.pi / 2 * s, np.pi / 2 * s, 1 + 1.5 * s])
+            if self.domain != "reacher":
+                low[1] = 0.0  # DCS's "upper quadrant": never below the original elevation
+            self.cam_bounds, self.cam, self.cam_vel = (low, high), self.rng.uniform(low, high), np.zeros(4)
+        if "background" in self.distractions:
+            self.video = self.backgrounds[self.rng.integers(len(self.backgrounds))]
+            self.frame0 = int(self.rng.integers(len(self.video)))
+        return self.obs(time_step), {}
+
+    def step(self, action: np.ndarray):
+        reward = 0.0
+        for _ in range(DMC_ACTION_REPEAT):
+            time_step = self.env.step(np.asarray(action, dtype=np.float64))
+            reward += time_step.reward or 0.0
+        self.t += 1
+        if self.dynamic:
+            self.drift()
+        truncated = time_step.last()
+        return self.obs(time_step), reward, False, truncated, {"success": float(reward >= 0.9 * DMC_ACTION_REPEAT)}
+
+    def drift(self) -> None:
+        """One step of the dynamic distractions' random walks."""
+        s = self.scale
+        if "color" in self.distractions:
+            for k in self.color:
+                self.color[k] = np.clip(self.color[k] + self.rng.normal(0, 0.03 * s, self.color[k].shape), -s, s)
+            self.set_colors()
+        if "camera" in self.distractions:
+            std = np.array([0.1 * s, 0.1 * s, np.pi / 300 * s, 0.1 * s])  # azimuth, elevation, roll, zoom
+            vmax = np.array([0.4 * s, 0.4 * s, np.pi / 50 * s, 0.4 * s])
+            self.cam_vel = np.clip(self.cam_vel + self.rng.normal(0, std), -vmax, vmax)
+            low, high = self.cam_bounds
+            self.cam = self.cam + self.cam_vel
+            bounced = (self.cam < low) | (self.cam > high)  # reflect off the bounds
+            self.cam = np.clip(self.cam, low, high)
+            self.cam_vel[bounced] *= -1
+
+    def set_colors(self) -> None:
+        model = self.physics.model.ptr
+        for k, rgba0 in self.rgba0.items():
+            getattr(model, k)[:, :3] = np.clip(rgba0[:, :3] + self.color[k], 0, 1)
+
+    def render(self) -> np.ndarray:
+        import mujoco
+        self.renderer.update_scene(self.physics.data.ptr, camera=self.camera)
+        if "camera" in self.distractions:
+            self.move_camera()
+        frame = self.renderer.render()  # (H, W, 3) uint8
+        if "background" in self.distractions:
+            self.renderer.enable_segmentation_rendering()
+            seg = self.renderer.render()  # (H, W, 2): object id (-1 where nothing is hit: the sky), type
+            self.renderer.disable_segmentation_rendering()
+            t = self.t if self.dynamic else 0
+            bg = self.video[(self.frame0 + t) % len(self.video)].astype(np.float32)  # (H, W, 3)
+            floor = np.isin(seg[..., 0], self.floor) & (seg[..., 1] == mujoco.mjtObj.mjOBJ_GEOM)
+            alpha = np.where(seg[..., 0] == -1, 0.0, np.where(floor, self.floor_alpha, 1.0))[..., None]  # (H, W, 1)
+            frame = (alpha * frame + (1 - alpha) * bg).round().astype(np.uint8)
+        return frame
+
+    def move_camera(self) -> None:
+        """Orbit the scene's camera about its look-at point: the point on its view axis level with the body
+        it is attached to (or tracks)."""
+        azimuth, elevation, roll, zoom = self.cam
+        data, model = self.physics.data.ptr, self.physics.model.ptr
+        for gl in self.renderer.scene.camera:  # the two eyes of MuJoCo's stereo pair, identical in mono
+            pos, fwd, up = np.array(gl.pos), np.array(gl.forward), np.array(gl.up)
+            target = data.xpos[model.cam_bodyid[self.camera]]
+            lookat = pos + fwd * max(float((target - pos) @ fwd), 0.5)  # 0.5 m: never behind or at the lens
+            right = np.cross(fwd, up)
+            # raise by `elevation` about the camera's right axis (a negative angle lifts the lens), then swing
+            offset, up, fwd = (rotate(v, right, -elevation) for v in (pos - lookat, up, fwd))
+            z = np.array([0.0, 0.0, 1.0])
+            offset, up, fwd = (rotate(v, z, azimuth) for v in (offset, up, fwd))  # ... around the vertical
+            gl.pos[:] = lookat + zoom * offset
+            gl.forward[:] = fwd
+            gl.up[:] = rotate(up, fwd, roll)
+
+    def close(self) -> None:
+        self.renderer.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def distractions(args: Args, out: Path | None = None) -> dict:
+    """CLI `distractions`: one frame of every DMC task (rows) under each distraction at none / easy / medium /
+    hard (columns), the same state in each row (20 zero-action steps from seed args.seed): distractions.png."""
+    from PIL import Image
+    out = Path(out or Path("runs") / "distractions")
+    rows = []
+    for task in DMC_TASKS:
+        row = []
+        for distraction in DISTRACTIONS:
+            for difficulty in ("none", *DIFFICULTY_SCALE):
+                clean = difficulty == "none"
+                with DMControl(task, args.image_size, 0, "none" if clean else distraction,
+                               "easy" if clean else difficulty, background_dir=args.background_dir) as env:
+                    env.reset(seed=args.seed)
+                    for _ in range(20):
+                        env.step(np.zeros(env.action_space.shape, np.float32))
+                    row.append(env.render())
+        rows.append(np.concatenate(row, axis=1))  # (H, 12 W, 3)
+    grid = Image.fromarray(np.concatenate(rows, axis=0))  # (6 H, 12 W, 3)
+    atomic_write(out / "distractions.png", lambda tmp: grid.resize((grid.width * 2, grid.height * 2),
+                                                                    Image.NEAREST).save(tmp, format="PNG"))
+    metrics = {"tasks": list(DMC_TASKS), "columns": [f"{d}:{lvl}" for d in DISTRACTIONS
+                                                     for lvl in ("none", *DIFFICULTY_SCALE)]}
+    write_json(out / "metrics.json", metrics)
+    print(f"distraction grid: {len(DMC_TASKS)} tasks x (none, easy, medium, hard) x {', '.join(DISTRACTIONS)} "
+          f"-> {out / 'distractions.png'}")
+    return metrics
+
+
+DMC_EXPERT_STEPS = 50_000  # SAC steps (agent steps, action repeat 4) for a dm_control expert: assets/RESULTS.md, 9
+
+
+class Expert:
+    """A trained SAC actor as a scripted-expert stand-in: get_action(obs) -> its deterministic action."""
+
+    def __init__(self, agent: "SAC"):
+        self.agent = agent
+
+    def get_action(self, obs: np.ndarray) -> np.ndarray:
+        return self.agent.act(obs, deterministic=True)
+
+
+def dmc_expert(args: Args) -> Expert:
+    """dm_control's stand-in for a scripted expert: SAC trained DMC_EXPERT_STEPS on the task's own (dense)
+    reward from state, cached. The agent sees state, so the distractions (frames only) do not matter to it:
+    one expert serves every distraction setting, and its episodes are rendered with the distractions on."""
+    expert_args = dataclasses.replace(args, reward="dense", steps=DMC_EXPERT_STEPS, distraction="none", seed=0,
+                                      resume=True)
+    path = cache_path(args, "expert", ".pt", task=args.task, steps=DMC_EXPERT_STEPS, hidden=args.hidden,
+                      lr=(args.q_lr, args.policy_lr), repeat=DMC_ACTION_REPEAT, obs_norm=args.obs_norm)
+    if not path.exists():  # trained in a folder next to the cache file: an interrupted run resumes
+        print(f"training a SAC expert for {args.task} on its own reward ({DMC_EXPERT_STEPS} steps, cached)")
+        metrics = train(expert_args, path.with_suffix(".run"))
+        print(f"{args.task} expert: eval return {metrics['eval_return']:.0f} (of at most 1000)")
+        atomic_write(path, lambda tmp: torch.save(load_checkpoint(path.with_suffix(".run") / "agent.pt"), tmp))
+    with make_env(expert_args) as env:
+        agent = SAC(env.observation_space.shape[0], env.action_space.shape[0], expert_args)
+    agent.load_state_dict(load_checkpoint(path))
+    return Expert(agent)
+
+
+def dmc_env(args: Args) -> DMControl:
+    camera = 0 if args.camera == "corner" else int(args.camera)  # 'corner' is Meta-World's; DCS renders camera 0
+    return DMControl(args.task, args.image_size, camera, args.distraction, args.difficulty,
+                     args.dynamic_distraction, args.background_dir)
+
+
+def dmc_data_key(args: Args) -> dict:
+    """The DCS settings that change a dm_control task's frames (none when undistracted)."""
+    if args.distraction == "none":
+        return {}
+    return {"distraction": args.distraction, "difficulty": args.difficulty,
+            "dynamic": args.dynamic_distraction, "background": args.background_dir}
+
+
+# The dm_control tasks join Part I's task list, and the distraction flags its checks (sections 1 and 2).
+TASK_SUITES.append(TaskSuite("DeepMind Control (section 15)", DMC_TASKS, dmc_env, dmc_expert, dmc_data_key))
+ARG_CHECKS.append(lambda args: check_distractions(args.distraction, args.difficulty))
+
+
+# =====================================================================================================
+# 16. The command line: one command per stage, every Args field a flag
+# =====================================================================================================
+
+
+def collect(args: Args, out: Path | None = None) -> dict:
+    """CLI `collect`: expert demos for the task (cached), their success rate, and a frame strip to look at."""
+    out = Path(out or default_out(args, "collect"))
+    demos = collect_demos(args)
+    success = demos["success"].any(axis=1)  # (N,) succeeded at any step
+    first = [int(np.argmax(s)) + 1 if s.any() else None for s in demos["success"]]
+    metrics = {"task": args.task, "prompt": demos["prompt"], "episodes": int(len(success)),
+               "success_rate": float(success.mean()),
+               "mean_steps_to_success": float(np.mean([f for f in first if f is not None] or [np.nan])),
+               "mean_return": float(demos["env_rewards"].sum(1).mean())}  # dm_control's measure of an expert
+    save_frame_strip(demos["frames"][0], out / "demo_strip.png")
+    write_json(out / "metrics.json", metrics)
+    print(f"{args.task}: expert success {metrics['success_rate']:.2f} over {len(success)} episodes "
+          f"(first success after {metrics['mean_steps_to_success']:.0f} steps on average; return "
+          f"{metrics['mean_return']:.0f}); frames {demos['frames'].shape[1:]} -> {out}")
+    return metrics
 
 
 COMMANDS = {
