@@ -798,6 +798,54 @@ def test_reward_modes_that_see_frames_train_past_learning_starts(tmp_path, tiny_
     assert (parts["goal_video"] > 0 and parts["fb_updates"] > 0) == (mode != "clip-text")
 
 
+def test_the_goal_pool_makes_each_states_goal_video_once(tmp_path, tiny_video_models, video_cache, monkeypatch):
+    """With --goal-pool 2, six training episodes start from two states, and the generator runs once per state
+    (then never again: the goal videos are cached on disk); with --goal-pool 0 it runs once per episode."""
+    calls = []
+    generate = vdr.generate_video
+    monkeypatch.setattr(vdr, "generate_video", lambda *a, **k: calls.append(1) or generate(*a, **k))
+    # sample_steps=3: goal videos no other test has cached (the step count is part of their cache key)
+    args = video_args(tmp_path, cache_dir=video_cache, reward="gen", fb_batch=16, fb_warmup=3, goal_pool=2,
+                      sample_steps=3)
+    starts = []
+    reset = vdr.MetaWorld.reset
+    monkeypatch.setattr(vdr.MetaWorld, "reset", lambda self, seed=None: starts.append(seed) or reset(self, seed=seed))
+    vdr.train(args, progress=False)
+    train_starts = [s for s in starts if s < vdr.DEMO_SEED0]  # not the demos' nor the evaluations' states
+    assert len(train_starts) == 240 // 40 and set(train_starts) <= set(vdr.goal_pool(args).tolist())
+    assert 1 <= len(calls) <= 2 and len(calls) == len(set(train_starts))
+    calls.clear()
+    vdr.train(dataclasses.replace(args, out=str(tmp_path / "again")), progress=False)
+    assert calls == []  # a rerun reads every goal video from the cache
+    vdr.train(dataclasses.replace(args, goal_pool=0, out=str(tmp_path / "fresh")), progress=False)
+    assert len(calls) == 240 // 40  # a goal video per scored episode
+
+
+def test_a_strided_reward_equals_the_full_one_where_the_strides_coincide(monkeypatch):
+    """hold_frames is what a renderer drawing every k-th frame leaves; on frames that only change at those
+    steps it changes nothing, so E2 and FB's data read the same frames with render_every k as with 1."""
+    rng = np.random.default_rng(0)
+    full = rng.integers(0, 255, (151, 4, 4, 3), dtype=np.uint8)
+    held = vdr.hold_frames(full, 5)
+    steps = vdr.rendered_steps(150, 5)
+    assert steps[0] == 0 and steps[-1] == 150 and np.all(np.diff(steps) <= 5)
+    assert np.array_equal(held[steps], full[steps])  # the rendered frames are kept
+    assert np.array_equal(held[7], full[5]) and np.array_equal(held[149], full[145])  # the others: the last one
+    assert np.array_equal(vdr.hold_frames(held, 5), held)  # and holding twice changes nothing
+    assert np.array_equal(vdr.hold_frames(full, 1), full)
+    ep = {"states": rng.normal(size=(151, 39)), "actions": rng.normal(size=(150, 4)), "frames": held}
+
+    class Clip:  # psi = the mean pixel, enough to see which frames FB's data reads
+        pass
+    monkeypatch.setattr(vdr, "frame_features", lambda clip, frames: torch.as_tensor(
+        frames.reshape(len(frames), -1).mean(1, keepdims=True), dtype=torch.float32))
+    strided, full_data = vdr.fb_transitions([ep], Clip(), 5), vdr.fb_transitions([ep], Clip(), 1)
+    assert len(full_data["obs"]) == 149 and len(strided["obs"]) == 29  # t + 1 in 5, 10, ..., 145
+    t = torch.as_tensor(np.arange(4, 149, 5))
+    for k in strided:  # the strided data are the full data's rows whose next frame was rendered
+        assert torch.equal(strided[k], full_data[k][t])
+
+
 def test_fb_demos_put_the_expert_demos_in_fbs_replay_and_only_then(tmp_path, tiny_video_models, video_cache):
     args = video_args(tmp_path, cache_dir=video_cache, reward="gen", fb_demos=True)
     demos = vdr.collect_demos(args, progress=False)  # the finetuning demos, cached
@@ -883,6 +931,32 @@ def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):
     assert "| reach-v3 |" in summary and "| dense |" in summary and "| sparse |" in summary
     assert (tmp_path / "bench" / "curves_reach-v3.png").stat().st_size > 1000
     assert vdr.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out  # finished runs are skipped
+
+
+def test_bench_slurm_script_names_every_run_once(tmp_path):
+    """`bench --slurm FILE` writes one `vdr.py train` per array index, and each line parses back into the
+    run bench would make: every (task, mode, seed) once, with the bench's flags and its folder."""
+    import re
+    import shlex
+    script = tmp_path / "grid.sh"
+    out = tmp_path / "bench"
+    assert vdr.main(["bench", "--bench-tasks", "reach-v3,drawer-close-v3", "--bench-modes", "dense,sparse",
+                     "--bench-seeds", "2,3", "--steps", "7000", "--no-obs-norm", "--out", str(out),
+                     "--slurm", str(script)]) == 0
+    text = script.read_text()
+    lines = re.search(r"RUNS=\(\n(.*?)\n\)", text, flags=re.S).group(1).splitlines()
+    assert "#SBATCH --array=0-7" in text and len(lines) == 8
+    runs = set()
+    for line in lines:
+        argv = shlex.split(shlex.split(line)[0])[2:]  # one bash word: "python vdr.py train ..."
+        parsed = vars(vdr.build_parser().parse_args(argv))
+        assert parsed.pop("command") == "train"
+        args = vdr.make_args(**parsed)
+        assert args.steps == 7000 and not args.obs_norm and args.resume
+        assert args.out == str(out / "runs" / f"{args.task}-{args.reward}-s{args.seed}")
+        runs.add((args.task, args.reward, args.seed))
+    assert runs == {(t, m, s) for t in ("reach-v3", "drawer-close-v3") for m in ("dense", "sparse") for s in (2, 3)}
+    assert not (out / "results.csv").exists()  # nothing ran
 
 
 def test_bench_trains_each_seeds_video_model_before_the_workers(tmp_path, monkeypatch):

@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 126-2350)                                                              line lines
-   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   169
-   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      301   285
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    586   722
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1308    85
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1393    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1424   174
-   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1598   115
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1713   213
-   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         1926   319
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2245   106
-Part II, experiments and extensions (lines 2352-3313)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2358   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2458   204
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2662   136
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               2798   123
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  2921   315
-  16. Command line     one command per stage; every Args field is a flag                           3236    78
+Part I, the method (lines 126-2416)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   176
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      308   285
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    593   722
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1315   104
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1419    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1450   177
+   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1627   123
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1750   213
+   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         1963   348
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2311   106
+Part II, experiments and extensions (lines 2418-3424)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2424   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2524   204
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2728   136
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               2864   168
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3032   315
+  16. Command line     one command per stage; every Args field is a flag                           3347    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -181,6 +181,8 @@ class Args:
     video_clip: str = arg("linspace", "E2's clip of o_{0:t}: 'linspace' (resampled, the paper's) or 'window' (last frames)")
     video_centre: bool = arg(False, "E2: centre latents on exploratory clips' mean (section 4); off: the paper's cosine")
     reward_every: int = arg(10, "E2 is computed every this many env steps and held in between (the paper: 128)")
+    render_every: int = arg(1, "the reward's frames are rendered every this many env steps (and at the episode's "
+                               "end) and held in between (section 4); FB's replay keeps the rendered steps")
     fb_steps: int = arg(3000, "offline FB training steps (eval-reward)")
     fb_batch: int = arg(256, "FB transitions per step (published: 1024; 256 keeps CPU steps ~4x cheaper)")
     explore_episodes: int = arg(20, "eval-reward's random episodes: E2's centre, E6's scales, FB's exploratory data")
@@ -206,6 +208,8 @@ class Args:
     fb_warmup: int = arg(1000, "gen modes: FB updates on the exploratory data before the first reward is computed")
     fb_freeze: int = arg(25_000, "gen modes: FB stops training at this env step, as in the paper (at 100k of 1M)")
     fb_demos: bool = arg(False, "gen modes: the task's expert demos join FB's replay (section 9); off: the paper's")
+    goal_pool: int = arg(50, "training episodes start from a fixed pool of this many initial states per task and "
+                             "seed (MT1's 50), whose goal videos are made once (section 9); 0: a fresh state each")
     resume: bool = arg(False, "train: continue from OUT/checkpoint.pt (saved after each evaluation) if there is one")
     # The bench's tasks are ones SAC on `dense` solves in --steps (50k) on a CPU, so that success tells the modes
     # apart: dense ends at 0.97 on button-press-v3 and drawer-close-v3, and at 0.00 on their harder siblings
@@ -215,6 +219,7 @@ class Args:
     bench_seeds: str = arg("3", "bench: seeds per task and mode: a count N (seeds 1..N), or the seeds with commas, "
                                 "e.g. 2,3 or 3, (to add seeds to a bench, or split one across machines)")
     workers: int = arg(1, "bench: training runs at once, each in its own process with cores/workers threads")
+    slurm: str = arg("", "bench: write a SLURM job-array script to this file (one `train` per array index) and stop")
     eval_every: int = arg(5_000, "environment steps between evaluations")
     eval_episodes: int = arg(30, "episodes per evaluation (deterministic actions, held-out initial states)")
     report_states: int = arg(1, "report: held-out initial states whose episodes it averages (its figures: the first)")
@@ -275,9 +280,11 @@ def check_args(args: Args) -> None:
     if args.video_clip not in VIDEO_CLIP_MODES:
         raise VdrError(f"unknown --video-clip {args.video_clip!r}; choose one of: {', '.join(VIDEO_CLIP_MODES)}")
     for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes", "fb_steps",
-                 "fb_batch", "reward_every", "explore_episodes", "fb_every", "workers", "report_states"):
+                 "fb_batch", "reward_every", "explore_episodes", "fb_every", "workers", "report_states", "render_every"):
         if getattr(args, name) <= 0:
             raise VdrError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.goal_pool < 0:
+        raise VdrError(f"--goal-pool must be 0 (a fresh initial state per episode) or positive, got {args.goal_pool}")
     if args.video_frames % 8 != 1:  # 4k+1 frames -> k+1 latent frames, and k+1 must be odd (see section 3)
         raise VdrError(f"--video-frames must be 8k+1, e.g. 9, 17 or 49; got {args.video_frames}")
     if args.episode_length > 500:
@@ -1328,6 +1335,11 @@ def goal(args: Args, out: Path | None = None) -> dict:
 # E uses the posterior mean, so the reward is deterministic (the paper's code draws a sample).
 # All rewards of an episode are computed in one batched call when it ends; the reward is computed every
 # `every` steps (the paper: every 128) and held constant in between.
+# What E2 reads, and so what must be rendered: a clip resamples o_{0:t} to F = 17 frames, whose spacing t/16
+# is ~9 env steps at the end of a 150-step episode. So the frames are rendered every `render_every` steps
+# (and at the episode's end) and each step shows the last rendered frame (`hold_frames`): o_t is then at most
+# render_every - 1 steps old, the same approximation E2's hold makes of the reward in time. Where every
+# frame a clip picks is a rendered one, the strided reward equals the full one (a test checks it).
 VIDEO_CLIP_MODES = ("linspace", "window")
 
 
@@ -1343,6 +1355,20 @@ def agent_clips(frames: np.ndarray, times: np.ndarray, num_frames: int, mode: st
         else:
             clips.append(frames[np.clip(np.round(t - spacing * np.arange(num_frames)[::-1]).astype(int), 0, None)])
     return np.stack(clips)
+
+
+def rendered_steps(T: int, every: int) -> np.ndarray:
+    """The steps 0..T of an episode whose frames the reward renders: 0, every, 2 every, ..., and T. (n,)"""
+    return np.unique(np.append(np.arange(0, T + 1, every), T))
+
+
+def hold_frames(frames: np.ndarray, every: int) -> np.ndarray:
+    """frames (T+1, H, W, 3) as a renderer that draws only the rendered_steps leaves them: every step shows the
+    last frame rendered at or before it (a zero-order hold, at most every-1 steps old). every=1: unchanged."""
+    if every == 1:
+        return frames
+    steps = rendered_steps(len(frames) - 1, every)
+    return frames[steps[np.searchsorted(steps, np.arange(len(frames)), side="right") - 1]]  # (T+1, H, W, 3)
 
 
 def scored_steps(T: int, every: int) -> np.ndarray:
@@ -1557,16 +1583,19 @@ def split_episodes(data: dict) -> list[dict]:
     return [{k: data[k][i] for k in keys} for i in range(len(data["states"]))]
 
 
-def fb_transitions(episodes: list[dict], clip) -> dict[str, torch.Tensor]:
+def fb_transitions(episodes: list[dict], clip, every: int = 1) -> dict[str, torch.Tensor]:
     """E4's dataset from whole episodes (states (T+1, 39), actions (T, 4), frames (T+1, H, W, 3)):
-    (s_t, a_t, s_{t+1}, a_{t+1}, psi(o_{t+1})) for t = 0..T-2 (the last step has no next action a')."""
+    (s_t, a_t, s_{t+1}, a_{t+1}, psi(o_{t+1})) for t = 0..T-2 (the last step has no next action a'), or, with
+    every > 1, for the t whose next frame o_{t+1} was rendered (rendered_steps): B never reads a held frame."""
     parts = {k: [] for k in ("obs", "actions", "next_obs", "next_actions", "next_features")}
     for ep in episodes:
         T = len(ep["actions"])
-        for k, v in zip(parts, (ep["states"][:T - 1], ep["actions"][:T - 1], ep["states"][1:T],
-                                ep["actions"][1:T], frame_features(clip, ep["frames"][1:T]))):
+        t = rendered_steps(T, every)
+        t = t[(t >= 1) & (t <= T - 1)] - 1  # (n,) steps whose next frame was rendered; all 0..T-2 if every = 1
+        for k, v in zip(parts, (ep["states"][t], ep["actions"][t], ep["states"][t + 1], ep["actions"][t + 1],
+                                frame_features(clip, ep["frames"][t + 1]))):
             parts[k].append(torch.as_tensor(v, dtype=torch.float32))
-    return {k: torch.cat(v) for k, v in parts.items()}  # each (sum of T-1, ...)
+    return {k: torch.cat(v) for k, v in parts.items()}  # each (sum of n, ...)
 
 
 def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool = True) -> FB:
@@ -1652,15 +1681,22 @@ class GenerativeReward:
         return {k: getattr(self, k) for k in self.state_dict_keys}
 
     def latents(self, episode: dict) -> torch.Tensor:
-        """E(clip_t) at the scored steps of an episode: (n, D). The costly half of E2, goal-independent."""
-        return clip_latents(self.vae, episode["frames"], self.args.video_frames, self.args.reward_every,
-                            self.args.video_clip)
+        """E(clip_t) at the scored steps of an episode: (n, D). The costly half of E2, goal-independent. The
+        frames are read as rendered every render_every steps (hold_frames), whoever rendered them."""
+        return clip_latents(self.vae, hold_frames(episode["frames"], self.args.render_every),
+                            self.args.video_frames, self.args.reward_every, self.args.video_clip)
 
     @torch.no_grad()
-    def goal(self, video: np.ndarray) -> Goal:
-        index, scores = select_goal_frame(self.clip, self.tokenizer, video, goal_prompts(self.args))  # E3
-        latents = vae_encode(self.vae, to_video_tensor(video[None])).flatten().float().cpu()
-        features = frame_features(self.clip, video[index:index + 1])[0]  # psi(I*): (D,)
+    def goal(self, video: np.ndarray, known: Goal | None = None) -> Goal:
+        """What every reward needs of one goal video. `known`: an earlier Goal of the same video, whose E3,
+        E(V_goal) and psi(I*) are reused (they depend on the frozen VAE and CLIP only); E6's scales are
+        always recomputed, since r_fb's depend on FB, which may have trained since."""
+        if known is None:
+            index, scores = select_goal_frame(self.clip, self.tokenizer, video, goal_prompts(self.args))  # E3
+            latents = vae_encode(self.vae, to_video_tensor(video[None])).flatten().float().cpu()
+            features = frame_features(self.clip, video[index:index + 1])[0]  # psi(I*): (D,)
+        else:
+            index, scores, latents, features = known.frame_index, known.clip_scores, known.latents, known.features
         N, T = self.explore_obs.shape[:2]
         times = scored_steps(T, self.args.reward_every)
         r_video = np.stack([hold(times, latent_similarity(z, latents, self.reference), T)
@@ -1674,8 +1710,9 @@ class GenerativeReward:
     def terms(self, episode: dict, goal: Goal, latents: torch.Tensor | None = None) -> dict[str, np.ndarray]:
         """The raw r_video (E2) and r_fb (E5) of every step of an episode: {name: (T,)}. `latents`:
         self.latents(episode), when the caller already has them (they do not depend on the goal)."""
-        r_video = video_reward(self.vae, episode["frames"], goal.latents, self.args.video_frames,
-                               self.args.reward_every, self.args.video_clip, self.reference, latents)
+        r_video = video_reward(self.vae, hold_frames(episode["frames"], self.args.render_every), goal.latents,
+                               self.args.video_frames, self.args.reward_every, self.args.video_clip,
+                               self.reference, latents)
         r_fb = self.fb.reward(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
                               goal.features).numpy()  # r_fb(s_t, a_t), t = 0..T-1
         return {"r_video": r_video, "r_fb": r_fb.astype(np.float32)}
@@ -1936,9 +1973,16 @@ class SAC:
 # Rewards are computed per episode, when it ends, in one batched call; only then do its transitions enter
 # the replay buffer. That costs nothing for the env's own rewards and is the cheap way to use a
 # video-level reward, which needs the episode's frames, in one batched encoder call.
-# The generative modes, per episode: a goal video generated from the episode's first frame (every episode
-# starts from a new initial state, so no goal is reused; ~1 s on the toy model), E2 on the episode's
-# frames, and E5 from an FB trained online. The first learning_starts steps (random actions) are held
+# The generative modes, per episode: a goal video generated from the episode's first frame, E2 on the
+# episode's frames, and E5 from an FB trained online.
+# The goal pool. Training episodes start from a fixed pool of --goal-pool initial states per task and seed
+# (50, as Meta-World's MT1 benchmark has; every reward mode draws from the same pool), so each state's goal
+# video is generated once, cached on disk by the video model and the first frame, and reused, with its E3
+# goal frame and E(V_goal). What it changes: the agent trains on 50 starts, not a new one per episode, and
+# is still evaluated on held-out states it never trained from, so the evaluation measures generalisation
+# across initial states, as MT1's test states do. What it saves: a goal video per episode (the paper's own
+# cost wall: ~64 s per video at full size) becomes 50 per run, and none on a rerun. --goal-pool 0 restores
+# a fresh state, and a goal video of its own, every episode. The first learning_starts steps (random actions) are held
 # back: they are the exploratory episodes that set E2's reference and E6's scales, and FB's first data;
 # when they are in, FB trains fb_warmup steps, the held-back episodes are scored, and SAC starts. FB then
 # trains on its own replay (psi features of the frames are stored, not the frames) every fb_every env
@@ -1971,6 +2015,7 @@ class EpisodeRewards:
 
     def __init__(self, args: Args, obs_dim: int, act_dim: int):
         self.args, self.pending, self.reward, self.episodes = args, [], None, 0
+        self.goals = {}  # the pool's goals by their first frame's hash: E3 and E(V_goal) made once
         self.seconds = dict.fromkeys(REWARD_COST_PARTS, 0.0)  # wall time of each part of the reward
         self.needs_frames = args.reward in (*GEN_MODES, "clip-text")
         if self.needs_frames:
@@ -2007,7 +2052,7 @@ class EpisodeRewards:
             return [(episode, r, {"charts/reward_return": float(r.sum())})]
         if step < self.args.fb_freeze:  # FB's data: psi of the frames, computed once
             with self.timed("fb_features"):
-                self.fb_parts.append(fb_transitions([episode], self.model.clip))
+                self.fb_parts.append(fb_transitions([episode], self.model.clip, self.args.render_every))
         if self.reward is None:  # still exploring: hold the episode back
             self.pending.append(episode)
             if step + 1 < self.args.learning_starts:
@@ -2025,12 +2070,20 @@ class EpisodeRewards:
         """E6 (+ the env's reward in gen+dense) against a goal video generated from the episode's first frame,
         and the returns to log: SAC's, and each term's standardised return."""
         self.episodes += 1
-        with self.timed("goal_video"):
-            video = generate_video(self.model, episode["frames"][0], task_prompt(self.args.task),
-                                   self.args.video_frames, seed=self.args.seed * 1_000_003 + self.episodes,
-                                   steps=self.args.sample_steps)
+        if self.args.goal_pool:  # a pool state: its goal video is made once (cached on disk), then reused
+            key = hashlib.sha1(np.ascontiguousarray(episode["frames"][0]).tobytes()).hexdigest()
+            with self.timed("goal_video"):
+                video = goal_video(self.args, self.model, episode["frames"][0], seed=self.args.seed)
+            with self.timed("scoring"):
+                goal = self.goals[key] = self.reward.goal(video, known=self.goals.get(key))
+        else:  # a fresh state every episode: a goal video of its own
+            with self.timed("goal_video"):
+                video = generate_video(self.model, episode["frames"][0], task_prompt(self.args.task),
+                                       self.args.video_frames, seed=self.args.seed * 1_000_003 + self.episodes,
+                                       steps=self.args.sample_steps)
+            with self.timed("scoring"):
+                goal = self.reward.goal(video)
         with self.timed("scoring"):
-            goal = self.reward.goal(video)
             terms = self.reward.terms(episode, goal)
             r = self.reward.combine(terms, goal)
         if self.args.reward == "gen+dense":
@@ -2085,11 +2138,21 @@ def evaluate(agent: SAC, env: MetaWorld, episodes: int) -> dict[str, float]:
 
 # Fields that say where a run writes and how `bench` schedules it, not what it computes: a checkpoint resumes
 # under a bench with other tasks, modes, seeds or workers, or from a copied folder.
-NOT_RUN_SETTINGS = ("out", "resume", "bench_tasks", "bench_modes", "bench_seeds", "workers", "report_states")
+NOT_RUN_SETTINGS = ("out", "resume", "bench_tasks", "bench_modes", "bench_seeds", "workers", "report_states",
+                    "slurm")
 
 
 def run_settings(fields: dict) -> dict:
     return {k: v for k, v in fields.items() if k not in NOT_RUN_SETTINGS}
+
+
+POOL_STREAM = 2  # the pool's states are drawn from default_rng([seed, POOL_STREAM]), apart from training's own draws
+
+
+def goal_pool(args: Args) -> np.ndarray:
+    """The initial states (reset seeds, below DEMO_SEED0) that training draws its episodes from: (goal_pool,),
+    or (0,) for a fresh state every episode."""
+    return np.random.default_rng([args.seed, POOL_STREAM]).choice(DEMO_SEED0, args.goal_pool, replace=False)
 
 
 def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
@@ -2109,6 +2172,7 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                        "(it starts over), or use another --out")
     write_json(out / "args.json", dataclasses.asdict(args))
     rng = seed_everything(args.seed)
+    pool = goal_pool(args)
     with make_env(args) as env, make_env(args) as eval_env:
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         agent = SAC(obs_dim, act_dim, args)
@@ -2128,8 +2192,8 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
         bar = tqdm(range(first_step, args.steps), initial=first_step, total=args.steps,
                    desc=f"train {args.task} [{args.reward}]", disable=not progress)
         for global_step in bar:
-            if episode is None:  # start an episode from a fresh seeded initial state
-                obs, _ = env.reset(seed=int(rng.integers(DEMO_SEED0)))
+            if episode is None:  # start an episode: a state of the pool, or a fresh seeded one (--goal-pool 0)
+                obs, _ = env.reset(seed=int(pool[rng.integers(len(pool))] if len(pool) else rng.integers(DEMO_SEED0)))
                 episode = {k: [] for k in ("states", "actions", "env_rewards", "success", "dones", "frames")}
                 episode["states"].append(obs)
                 if rewards.needs_frames:
@@ -2142,9 +2206,11 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
             obs, reward, terminated, truncated, info = env.step(action)
             for k, v in zip(episode, (obs, action, reward, info["success"] > 0, float(terminated))):
                 episode[k].append(v)
-            if rewards.needs_frames:
+            if rewards.needs_frames:  # rendered every render_every steps and at the end, else held (section 4)
                 with rewards.timed("render"):  # what the reward costs, in parts: rewards.seconds
-                    episode["frames"].append(env.render())
+                    t = len(episode["actions"])
+                    rendered = t % args.render_every == 0 or terminated or truncated
+                    episode["frames"].append(env.render() if rendered else episode["frames"][-1])
 
             if terminated or truncated:  # score the finished episode(s), then store the transitions
                 ep = {k: np.array(v) for k, v in episode.items()}  # states (T+1, obs_dim), frames (T+1, H, W, 3)
@@ -2822,6 +2888,46 @@ def bench_run(job: tuple) -> dict:
     return train(args, out, progress=False)
 
 
+def train_command(args: Args, out: Path) -> str:
+    """The `python vdr.py train ...` line that makes the run `train(args, out)` makes: every field that
+    differs from its preset's value, as a flag."""
+    import shlex
+    base = make_args(preset=args.preset, device=args.device)
+    flags = ["train", "--preset", args.preset]
+    for f in dataclasses.fields(Args):
+        value = getattr(args, f.name)
+        if f.name in ("preset", "out") or f.name in NOT_RUN_SETTINGS[2:] or value == getattr(base, f.name):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return "python vdr.py " + " ".join(shlex.quote(t) for t in [*flags, "--out", str(out)])
+
+
+def write_slurm_script(path: Path, jobs: list[tuple[Args, Path]], out: Path) -> Path:
+    """A SLURM job array with one `vdr.py train` per index: the runs `bench --workers` would make, as
+    CleanRL's benchmark utility hands a grid to a cluster. Each run resumes if it was interrupted; each seed's
+    video model is trained by the first run that needs it and cached atomically, so others wait or reuse it."""
+    import shlex
+    runs = "\n".join(f"  {shlex.quote(train_command(a, o))}" for a, o in jobs)
+    text = f"""#!/bin/bash
+#SBATCH --job-name=vdr-bench
+#SBATCH --array=0-{max(0, len(jobs) - 1)}
+#SBATCH --cpus-per-task=2
+#SBATCH --mem=8G
+#SBATCH --output={out}/slurm-%A_%a.out
+# Written by `python vdr.py bench --slurm {path}`: {len(jobs)} training runs, one per array index. Submit it
+# from the repository's folder with `sbatch {path}`; when every task is done, rerun the same bench command
+# without --slurm: it finds the runs finished and writes results.csv, summary.md and the curves.
+set -euo pipefail
+RUNS=(
+{runs}
+)
+export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK
+eval "${{RUNS[$SLURM_ARRAY_TASK_ID]}}"
+"""
+    return atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def bench(args: Args, out: Path | None = None) -> dict:
     """CLI `bench`: train every (task, reward mode, seed) of --bench-tasks x --bench-modes x --bench-seeds
     for --steps env steps. Finished runs are skipped and interrupted ones resume, so rerunning the command
@@ -2833,7 +2939,7 @@ def bench(args: Args, out: Path | None = None) -> dict:
     tasks, modes, seeds = args.bench_tasks.split(","), args.bench_modes.split(","), bench_seed_list(args.bench_seeds)
     jobs, threads = [], max(1, (os.cpu_count() or 1) // args.workers)
     for task in tasks:
-        if any(m in (*GEN_MODES, "clip-text") for m in modes):
+        if any(m in (*GEN_MODES, "clip-text") for m in modes) and not args.slurm:
             for seed in seeds:  # each seed's video model (its key holds the seed), trained
                 load_video_model(dataclasses.replace(args, task=task, seed=seed))  # here once, not by each worker
         for mode in modes:
@@ -2842,6 +2948,11 @@ def bench(args: Args, out: Path | None = None) -> dict:
                 if not (run_out / "metrics.json").exists():
                     run_args = dataclasses.replace(args, task=task, reward=mode, seed=seed, resume=True)
                     jobs.append((run_args, run_out, threads))
+    if args.slurm:  # the same runs, for a cluster: one array task each; a rerun of bench merges them
+        write_slurm_script(Path(args.slurm), [(a, o) for a, o, _ in jobs], out)
+        print(f"bench: {len(jobs)} runs to do -> {args.slurm}; submit it with `sbatch {args.slurm}`, then rerun "
+              "this command without --slurm to merge them")
+        return {}
     print(f"bench: {len(tasks)} tasks x {len(modes)} modes x {len(seeds)} seeds, {args.steps} steps each; "
           f"{len(jobs)} runs to do, {args.workers} at a time with {threads} threads each")
     if jobs:
