@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 126-2416)                                                              line lines
+Part I, the method (lines 126-2422)                                                              line lines
    1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   176
    2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      308   285
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    593   722
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1315   104
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1419    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1450   177
-   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1627   123
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1750   213
-   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         1963   348
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2311   106
-Part II, experiments and extensions (lines 2418-3424)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2424   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2524   204
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2728   136
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               2864   168
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3032   315
-  16. Command line     one command per stage; every Args field is a flag                           3347    78
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    593   727
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1320   104
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1424    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1455   177
+   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1632   123
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1755   213
+   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         1968   349
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2317   106
+Part II, experiments and extensions (lines 2424-3431)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2430   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2530   204
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2734   136
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               2870   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3039   315
+  16. Command line     one command per stage; every Args field is a flag                           3354    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -1270,12 +1270,17 @@ def generate_video(model: VideoModel, first_frame: np.ndarray, prompt: str, num_
     return to_frames(vae_decode(model.vae, latents))[0]  # (F, H, W, 3)
 
 
+def frame_hash(frame: np.ndarray) -> str:
+    """A frame's identity for caches: the SHA-1 of its pixels."""
+    return hashlib.sha1(np.ascontiguousarray(frame).tobytes()).hexdigest()
+
+
 def goal_video(args: Args, model: VideoModel, first_frame: np.ndarray, seed: int) -> np.ndarray:
     """generate_video, cached by the model, the first frame and the seed (a goal video is reused by every
     reward computed against it)."""
     path = cache_path(args, "goal", ".npy", task=args.task, model=model.name, frames=args.video_frames,
                       steps=args.sample_steps, seed=seed,
-                      first_frame=hashlib.sha1(np.ascontiguousarray(first_frame).tobytes()).hexdigest())
+                      first_frame=frame_hash(first_frame))
     if path.exists():
         return np.load(path)
     video = generate_video(model, first_frame, task_prompt(args.task), args.video_frames, seed, args.sample_steps)
@@ -1982,7 +1987,8 @@ class SAC:
 # is still evaluated on held-out states it never trained from, so the evaluation measures generalisation
 # across initial states, as MT1's test states do. What it saves: a goal video per episode (the paper's own
 # cost wall: ~64 s per video at full size) becomes 50 per run, and none on a rerun. --goal-pool 0 restores
-# a fresh state, and a goal video of its own, every episode. The first learning_starts steps (random actions) are held
+# a fresh state, and a goal video of its own, every episode.
+# The first learning_starts steps (random actions) are held
 # back: they are the exploratory episodes that set E2's reference and E6's scales, and FB's first data;
 # when they are in, FB trains fb_warmup steps, the held-back episodes are scored, and SAC starts. FB then
 # trains on its own replay (psi features of the frames are stored, not the frames) every fb_every env
@@ -2071,7 +2077,7 @@ class EpisodeRewards:
         and the returns to log: SAC's, and each term's standardised return."""
         self.episodes += 1
         if self.args.goal_pool:  # a pool state: its goal video is made once (cached on disk), then reused
-            key = hashlib.sha1(np.ascontiguousarray(episode["frames"][0]).tobytes()).hexdigest()
+            key = frame_hash(episode["frames"][0])
             with self.timed("goal_video"):
                 video = goal_video(self.args, self.model, episode["frames"][0], seed=self.args.seed)
             with self.timed("scoring"):
@@ -2896,7 +2902,8 @@ def train_command(args: Args, out: Path) -> str:
     flags = ["train", "--preset", args.preset]
     for f in dataclasses.fields(Args):
         value = getattr(args, f.name)
-        if f.name in ("preset", "out") or f.name in NOT_RUN_SETTINGS[2:] or value == getattr(base, f.name):
+        scheduling = f.name in NOT_RUN_SETTINGS and f.name != "resume"  # where it writes, how bench runs it
+        if f.name == "preset" or scheduling or value == getattr(base, f.name):
             continue
         flag = "--" + f.name.replace("_", "-")
         flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
