@@ -349,16 +349,21 @@ def test_fit_resumes_where_it_stopped(tmp_path, monkeypatch):
 
 
 def test_frame_stages_and_captions():
-    success = np.array([False] * 6 + [True] * 3)  # solved from step 7 on: frame 7
-    assert list(vdr.frame_stages(success)) == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
-    assert vdr.caption("open the drawer", vdr.GOAL_STAGE) == "open the drawer, done"
+    assert list(vdr.frame_stages(9)) == [0, 0, 0, 1, 1, 1, 2, 2, 2]  # thirds of the video, by order alone
+    assert list(vdr.frame_stages(17)) == [0] * 6 + [1] * 6 + [2] * 5
+    assert vdr.caption("open the drawer", vdr.GOAL_STAGE) == "open the drawer, end"
 
 
 def test_pretrain_finetune_goal_pipeline_is_cached_and_deterministic(tmp_path, tiny_video_models):
     args = video_args(tmp_path)
-    base = vdr.pretrain(args, progress=False)
-    assert {p.name for p in base.iterdir()} >= {"vae", "transformer", "scheduler", "clip.pt", "losses.json"}
+    base = vdr.pretrain(args, progress=False)  # tiny settings: not the shipped model's, so trained here
+    assert {p.name for p in base.iterdir()} >= {"vae", "transformer", "scheduler", "clip.safetensors", "losses.json"}
+    assert json.loads((base / "key.json").read_text()) == vdr.pretrain_key(args)
+    from safetensors.torch import load_file
+    stored = load_file(base / "transformer" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}  # stored in half precision, as shipped
     model = vdr.load_video_model(args)
+    assert {p.dtype for p in model.transformer.parameters()} == {torch.float32}  # computed in float32
     assert vdr.finetune(args, progress=False) == tmp_path / "cache" / "video" / model.name  # cached: same folder
     first = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
     a = vdr.generate_video(model, first, "a prompt", 9, seed=1, steps=2)
@@ -396,6 +401,31 @@ def test_eval_video_writes_metrics_per_method(tmp_path, tiny_video_models, video
     assert (tmp_path / "ev" / "side_by_side.png").exists() and metrics["videos"] == 2
 
 
+def test_the_toy_clip_trains_on_videos_alone(tmp_path):
+    """Reward-free to the letter: the toy CLIP (E3's goal frame, FB's features) sees frames, the task's text
+    and the frames' order; a demo without success flags or rewards trains it."""
+    frames = np.random.default_rng(0).integers(0, 256, (2, 9, 64, 64, 3), dtype=np.uint8)  # (N, F, H, W, 3)
+    demos = {t: {"frames": frames, "prompt": vdr.task_prompt(t)} for t in ("reach-v3", "push-v3")}
+    path = vdr.train_clip(video_args(tmp_path, clip_steps=2), demos, progress=False)
+    assert path.exists()
+
+
+def test_the_shipped_toy_model_is_what_the_defaults_pretrain_and_it_generates(tmp_path, monkeypatch):
+    args = vdr.make_args(cache_dir=str(tmp_path / "cache"))  # every default: the shipped model's settings
+    assert json.loads((vdr.SHIPPED_TOY / "key.json").read_text()) == vdr.pretrain_key(args)
+    monkeypatch.setattr(vdr, "collect_demos", lambda *a, **k: pytest.fail("pretrain trained instead of copying"))
+    model = vdr.load_toy_model(args, vdr.pretrain(args, progress=False))
+    assert not vdr.pretrain_key(vdr.make_args(dit_steps=1)) == vdr.pretrain_key(args)  # other settings train
+    with vdr.make_env(args) as env:
+        env.reset(seed=vdr.HELDOUT_SEED0)
+        first = env.render()  # (64, 64, 3) uint8
+    video = vdr.generate_video(model, first, vdr.task_prompt(args.task), args.video_frames, seed=0, steps=4)
+    assert video.shape == (args.video_frames, 64, 64, 3)
+    error = lambda a, b: np.abs(a.astype(float) - b.astype(float)).mean()  # mean absolute pixel error
+    assert error(video[0], first) < 8  # it starts from the frame it was given...
+    assert error(video[-1], video[0]) > 0.5  # ...and the arm moves
+
+
 @pytest.mark.parametrize("damage", ["missing", "corrupt"])
 def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_video_models, damage):
     args = video_args(tmp_path)
@@ -403,7 +433,7 @@ def test_missing_or_corrupt_checkpoint_is_a_clear_error(tmp_path, tiny_video_mod
     if damage == "missing":
         (path / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
     else:
-        (path / "clip.pt").write_bytes(b"not a checkpoint")
+        (path / "clip.safetensors").write_bytes(b"not a checkpoint")
     with pytest.raises(vdr.VdrError, match="delete"):
         vdr.load_video_model(args)
 
@@ -567,6 +597,16 @@ def test_fb_reward_shape_and_goal_z_on_the_sphere():
     assert z.shape == (8,) and z.norm().item() == pytest.approx(np.sqrt(8), rel=1e-5)
     r = fb.reward(torch.randn(7, 5), torch.randn(7, 2), torch.randn(3))
     assert r.shape == (7,)
+
+
+def test_fb_init_is_seeded_and_leaves_the_global_random_stream_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    a = vdr.FB(obs_dim=5, act_dim=2, feature_dim=3, d=8, hidden=16, seed=4)
+    assert torch.equal(torch.rand(3), expected)  # the caller's stream continues where it was
+    b = vdr.FB(obs_dim=5, act_dim=2, feature_dim=3, d=8, hidden=16, seed=4)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1050,7 +1090,7 @@ def test_every_file_the_docs_name_in_assets_exists_and_every_asset_is_named():
         # a path in the text; not a pattern such as assets/bench_*_summary.md
         names |= {(root / n).resolve() for n in re.findall(r"assets/[\w.+-]*\w(?![\w+*-]|\.\w)", text)}
     assert len(names) >= 20
-    assert not sorted(str(n.relative_to(root)) for n in names if not n.is_file())
+    assert not sorted(str(n.relative_to(root)) for n in names if not n.exists())
     unnamed = sorted(p.name for p in (root / "assets").iterdir() if p.resolve() not in names)
     assert not unnamed, f"in assets/ but named by no doc: {unnamed}"
 

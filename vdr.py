@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 126-2422)                                                              line lines
-   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   176
-   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      308   285
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    593   727
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1320   104
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1424    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1455   177
-   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1632   123
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1755   213
-   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         1968   349
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2317   106
-Part II, experiments and extensions (lines 2424-3431)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2430   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2530   204
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2734   136
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               2870   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3039   315
-  16. Command line     one command per stage; every Args field is a flag                           3354    78
+Part I, the method (lines 126-2463)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   178
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      310   285
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    595   765
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1360   104
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1464    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1495   178
+   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1673   123
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1796   213
+   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2009   349
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2358   106
+Part II, experiments and extensions (lines 2465-3471)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2471   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2571   204
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2775   135
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               2910   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3079   315
+  16. Command line     one command per stage; every Args field is a flag                           3394    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -166,6 +166,8 @@ class Args:
     dtype: str = arg("float32", "dtype of the pretrained models: float32, or bfloat16 on a GPU")
     # --- video diffusion (section 3) ---
     video_frames: int = arg(17, "frames per video, 8k+1 (section 3); a video spans a whole episode")
+    shipped_toy: bool = arg(True, "toy: start from the pretrained toy model in assets/ where its settings match "
+                                  "(section 3d); --no-shipped-toy trains it")
     pretrain_episodes: int = arg(16, "expert episodes per task for pretraining the toy models")
     clip_steps: int = arg(400, "training steps of the toy CLIP")
     vae_steps: int = arg(450, "training steps of the toy VAE")
@@ -689,27 +691,28 @@ TOY_CLIP_CONFIG = {
     "vision_cfg": {"image_size": 64, "layers": 3, "width": 64, "head_width": 32, "patch_size": 8},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 3},
 }
-# Caption design. A caption names the task AND its progress at that frame:
-#     "<task prompt>, <stage>"   with stage "not started" (first third of the time to success),
-#                                 "in progress" (the rest, until success), "done" (success reached).
-# Contrastive training on these makes "..., done" closer to frames where the task is finished than to
-# the same scene before: section 5 (E3) scores a goal video's frames against GOAL_STAGE's caption and
-# picks the best, which is the frame the agent should reach. Task prompts alone would not do that: every
-# frame of an episode shares the prompt, so CLIP would learn to tell tasks apart, not progress.
-STAGES = ("not started", "in progress", "done")
-GOAL_STAGE = "done"
+# Caption design. A caption names the task AND the frame's place in its video:
+#     "<task prompt>, <stage>"   with stage "start", "middle" or "end": the third of the video the frame
+#                                 lies in.
+# That is all a video dataset gives (a task's text and its frames' order), so no success flag, reward or
+# other label of the environment reaches CLIP, and through it E3's goal frame and FB's features: the
+# reward-free modes stay reward-free. A training video is a whole demo episode, which ends with the task
+# done, so "..., end" comes to mean "the task's final state". Contrastive training on these makes
+# "..., end" closer to the frames at a video's end than to the same scene earlier: section 5 (E3) scores a
+# goal video's frames against GOAL_STAGE's caption and picks the best, the frame the agent should reach.
+# Task prompts alone would not do that: every frame of an episode shares the prompt, so CLIP would learn
+# to tell tasks apart, not progress.
+STAGES = ("start", "middle", "end")
+GOAL_STAGE = "end"
 
 
 def caption(prompt: str, stage: str) -> str:
     return f"{prompt}, {stage}"
 
 
-def frame_stages(success: np.ndarray) -> np.ndarray:
-    """Per-frame stage index (T+1,) of one episode from its per-step success flags (T,)."""
-    n = len(success) + 1
-    first = int(np.argmax(success)) + 1 if success.any() else n  # frame at which success first holds
-    t = np.arange(n)
-    return np.where(t >= first, 2, np.where(t >= first / 3, 1, 0))
+def frame_stages(n: int) -> np.ndarray:
+    """Per-frame stage index (n,) of an n-frame video: the third of the video each frame lies in."""
+    return np.minimum(np.arange(n) * len(STAGES) // n, len(STAGES) - 1)
 
 
 def register_toy_clip(cache_dir: str) -> str:
@@ -850,6 +853,9 @@ def load_checkpoint(path: Path):
     if not Path(path).exists():
         raise VdrError(f"checkpoint {path} does not exist; run the command that makes it (see README)")
     try:
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(path)
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
         raise VdrError(f"checkpoint {path} is unreadable ({type(err).__name__}); delete it and run again") from None
@@ -929,7 +935,8 @@ def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: 
     """Train the toy CLIP on demo frames and their stage captions (cached), from scratch or, with `init`,
     on from those weights (finetuning on a new domain). Returns the weights path."""
     import open_clip
-    path = cache_path(args, "clip", ".pt", **stage_key(args, demos, init), config=TOY_CLIP_CONFIG, steps=args.clip_steps, seed=args.seed)
+    path = cache_path(args, "clip", ".pt", **stage_key(args, demos, init), config=TOY_CLIP_CONFIG, steps=args.clip_steps,
+                      seed=args.seed, captions=STAGES)
     if path.exists():
         return path
     seed_everything(args.seed)
@@ -938,8 +945,8 @@ def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: 
     if init is not None:
         clip.load_state_dict(load_checkpoint(init))
     tokenizer = open_clip.get_tokenizer(TOY_CLIP_NAME)
-    # per prompt: its videos (N, F, H, W, 3) and the stages of those frames (N, F)
-    data = {d["prompt"]: (d["frames"], np.stack([resample(frame_stages(s), d["frames"].shape[1]) for s in d["success"]]))
+    # per prompt: its videos (N, F, H, W, 3) and the stages of those frames (N, F), from their order alone
+    data = {d["prompt"]: (d["frames"], np.broadcast_to(frame_stages(d["frames"].shape[1]), d["frames"].shape[:2]))
             for d in demos.values()}
     loss_fn = open_clip.ClipLoss()
 
@@ -955,16 +962,10 @@ def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: 
     return path
 
 
-def cpu_bf16_autocast():
-    """bfloat16 autocast on CPUs with native bf16 (AVX512-BF16, AMX), where the toy VAE trains faster.
-    Elsewhere (and on GPUs, where args.dtype decides) it does nothing, since
-    emulated bf16 would be slower."""
-    enabled = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled)
-
-
 VAE_CLIP = 9  # frames per VAE training window: 1 (encoded alone, causally) + 2 x 4 -> 3 latent frames
-VAE_BATCH = 4  # windows per step: 36 frames, ~0.6 s per step on 2 cores (bf16), ~1 s in float32
+VAE_BATCH = 4  # windows per step: 36 frames
+# Every toy model trains in float32, also where the CPU has native bf16 (AVX512-BF16, AMX) and bf16 would
+# be faster: the same seed must give the same video model on every CPU, with or without it.
 
 
 def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, init: Path | None = None) -> Path:
@@ -974,8 +975,8 @@ def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, 
     videos: {prompt: (N, F, H, W, 3) uint8}. Saves the AutoencoderKLCogVideoX with its scaling_factor set
     so that latents have unit standard deviation (as Stable Diffusion's was chosen); returns the folder."""
     from diffusers import AutoencoderKLCogVideoX
-    path = cache_path(args, "vae", "", **stage_key(args, videos, init), frames=args.video_frames, config=TOY_VAE_CONFIG, steps=args.vae_steps,
-                      seed=args.seed)
+    path = cache_path(args, "vae", "", **stage_key(args, videos, init), frames=args.video_frames, config=TOY_VAE_CONFIG,
+                      steps=args.vae_steps, seed=args.seed, dtype="float32")
     if path.exists():
         return path
     seed_everything(args.seed)
@@ -990,7 +991,7 @@ def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, 
         t0 = torch.randint(all_videos.shape[1] - VAE_CLIP + 1, (), generator=gen).item()
         frames = all_videos[i, t0:t0 + VAE_CLIP]  # (B, VAE_CLIP, H, W, 3)
         weight = foreground_weight(frames, backgrounds[i][:, None])  # (B, 1, VAE_CLIP, H, W)
-        with torch.random.fork_rng(), cpu_bf16_autocast():  # (the posterior sample uses torch's global RNG)
+        with torch.random.fork_rng():  # (the posterior sample uses torch's global RNG)
             torch.manual_seed(int(torch.randint(2**31, (), generator=gen)))
             return vae_loss(vae, to_video_tensor(frames).to(args.device), weight.to(args.device))
 
@@ -1070,56 +1071,95 @@ def train_dit(args: Args, model: VideoModel, videos: dict[str, np.ndarray], step
     return fit(model.transformer, loss, steps, lr, args.seed, path.with_suffix(".state"), desc, progress)
 
 
-def save_toy_model(model: VideoModel, path: Path, losses: list[float]) -> Path:
+def save_toy_model(model: VideoModel, path: Path, losses: list[float], key: dict | None = None,
+                   half: bool = False) -> Path:
     """The toy model as one folder in the real checkpoint's layout (vae/, transformer/, scheduler/), plus
-    clip.pt and the training losses; written under a temporary name and renamed when complete."""
+    clip.safetensors, the training losses and (pretrained) its key.json; written under a temporary name and
+    renamed when complete. half: weights stored in float16 (loaded back into float32)."""
+    from safetensors.torch import load_file, save_file
+
     def write(tmp: Path):
         for name in ("vae", "transformer", "scheduler"):
             getattr(model, name).save_pretrained(tmp / name)
-        torch.save(model.clip.state_dict(), tmp / "clip.pt")
+        save_file({k: v.contiguous() for k, v in model.clip.state_dict().items()}, tmp / "clip.safetensors")
+        if half:  # rounds each stored weight to float16, halving the folder; the model in memory is unchanged
+            for file in tmp.rglob("*.safetensors"):
+                save_file({k: v.half() for k, v in load_file(file).items()}, file, metadata={"format": "pt"})
         (tmp / "losses.json").write_text(json.dumps(losses))
+        if key is not None:
+            (tmp / "key.json").write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
     return atomic_dir(path, write)
 
 
 def load_toy_model(args: Args, path: Path) -> VideoModel:
-    """A folder written by save_toy_model, loaded with the same from_pretrained calls as a real checkpoint."""
+    """A folder written by save_toy_model, loaded with the same from_pretrained calls as a real checkpoint
+    (in float32, whatever precision the folder stores)."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     path = Path(path)
-    vae = load_pretrained(AutoencoderKLCogVideoX, path, "VAE", subfolder="vae")
-    transformer = load_pretrained(CogVideoXTransformer3DModel, path, "DiT", subfolder="transformer")
+    vae = load_pretrained(AutoencoderKLCogVideoX, path, "VAE", subfolder="vae", torch_dtype=torch.float32)
+    transformer = load_pretrained(CogVideoXTransformer3DModel, path, "DiT", subfolder="transformer",
+                                  torch_dtype=torch.float32)
     scheduler = load_pretrained(CogVideoXDDIMScheduler, path, "scheduler", subfolder="scheduler")
-    clip, tokenizer = load_clip(args, path / "clip.pt")
+    clip, tokenizer = load_clip(args, path / "clip.safetensors")
     return VideoModel(vae.to(args.device).eval().requires_grad_(False), transformer.to(args.device).eval(), scheduler,
                       clip, tokenizer, name=path.name)
 
 
+# The pretrained toy model is shipped with vdr (assets/toy-video-model: `pretrain`'s output at the default
+# settings, float16 safetensors, ~14 MB), as CogVideoX is downloaded, not trained: a run starts at
+# finetuning. `pretrain` copies it into the cache when the run's settings are the ones it was trained with
+# (its key.json equals pretrain_key(args)), and trains from scratch otherwise or with --no-shipped-toy,
+# which is how the shipped folder is reproduced. Its weights are stored in float16 whichever way it is
+# made, so a trained and a shipped model are the same weights; the record shows that the rounding leaves
+# the goal videos and rewards as they were.
+SHIPPED_TOY = Path(__file__).resolve().parent / "assets" / "toy-video-model"
+
+
+def pretrain_key(args: Args) -> dict:
+    """Every setting pretraining reads: its data (tasks, episodes, frames, rendering) and each stage's."""
+    key = dict(task="pretrain", tasks=PRETRAIN_TASKS, episodes=args.pretrain_episodes, frames=args.video_frames,
+               **data_key(args, "pretrain"), seed=args.seed, weights="float16",
+               clip=dict(config=TOY_CLIP_CONFIG, steps=args.clip_steps, captions=STAGES),
+               vae=dict(config=TOY_VAE_CONFIG, steps=args.vae_steps),
+               dit=dict(config=TOY_DIT_CONFIG, scheduler=SCHEDULER_CONFIG, steps=args.dit_steps,
+                        batch=args.dit_batch, lr=args.dit_lr))
+    return json.loads(json.dumps(key))  # as key.json reads back (tuples become lists)
+
+
 def pretrain(args: Args, out: Path | None = None, progress: bool = True) -> Path:
-    """CLI `pretrain` (toy model): demos of PRETRAIN_TASKS -> the small CLIP, the VAE, then the DiT on
-    all tasks' videos. Each stage is cached by a key of its inputs and resumable. Returns the folder."""
+    """CLI `pretrain` (toy model): the shipped model where its settings match (see SHIPPED_TOY); otherwise
+    demos of PRETRAIN_TASKS -> the small CLIP, the VAE, then the DiT on all tasks' videos. Each stage is
+    cached by a key of its inputs and resumable. Returns the folder."""
     from diffusers import AutoencoderKLCogVideoX, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel
     if args.video_model != "toy":
         raise VdrError("`pretrain` trains the toy model; a pretrained --video-model needs only `finetune`")
     t0 = time.time()
-    # only the frames of the training videos are rendered: ~3x faster collection
-    demos = {t: collect_demos(args, t, episodes=args.pretrain_episodes, frames=args.video_frames, progress=progress)
-             for t in PRETRAIN_TASKS}
-    clip_path = train_clip(args, demos, progress)
-    videos = {d["prompt"]: training_videos(args, d) for d in demos.values()}
-    vae_path = train_vae(args, videos, progress)
-    path = cache_path(args, "video", "", task="pretrain", clip=clip_path.name, vae=vae_path.name,
-                      config=TOY_DIT_CONFIG, scheduler=SCHEDULER_CONFIG, steps=args.dit_steps,
-                      batch=args.dit_batch, lr=args.dit_lr)
-    if not path.exists():
+    key = pretrain_key(args)
+    path = cache_path(args, "video", "", **key)
+    shipped = SHIPPED_TOY / "key.json"
+    how = "cached"
+    if not path.exists() and args.shipped_toy and shipped.exists() and json.loads(shipped.read_text()) == key:
+        import shutil
+        atomic_dir(path, lambda tmp: shutil.copytree(SHIPPED_TOY, tmp, dirs_exist_ok=True))
+        how = f"shipped, from {SHIPPED_TOY.parent.name}/{SHIPPED_TOY.name}"
+    elif not path.exists():
+        how = "trained"
+        # only the frames of the training videos are rendered: ~3x faster collection
+        demos = {t: collect_demos(args, t, episodes=args.pretrain_episodes, frames=args.video_frames,
+                                  progress=progress) for t in PRETRAIN_TASKS}
+        clip_path = train_clip(args, demos, progress)
+        videos = {d["prompt"]: training_videos(args, d) for d in demos.values()}
+        vae_path = train_vae(args, videos, progress)
         seed_everything(args.seed)
         clip, tokenizer = load_clip(args, clip_path)
         vae = load_pretrained(AutoencoderKLCogVideoX, vae_path, "VAE").to(args.device).eval()
         model = VideoModel(vae, CogVideoXTransformer3DModel(**TOY_DIT_CONFIG).to(args.device),
                            CogVideoXDDIMScheduler(**SCHEDULER_CONFIG), clip, tokenizer)
         losses = train_dit(args, model, videos, args.dit_steps, args.dit_lr, path, "pretrain dit", progress)
-        save_toy_model(model, path, losses)
+        save_toy_model(model, path, losses, key=key, half=True)
     if out:
-        write_json(Path(out) / "metrics.json", {"model": str(path), "wall_seconds": time.time() - t0})
-    print(f"pretrained toy video model ({time.time() - t0:.0f} s) -> {path}")
+        write_json(Path(out) / "metrics.json", {"model": str(path), "how": how, "wall_seconds": time.time() - t0})
+    print(f"pretrained toy video model ({how}, {time.time() - t0:.0f} s) -> {path}")
     return path
 
 
@@ -1136,7 +1176,7 @@ def finetune(args: Args, out: Path | None = None, progress: bool = True) -> Path
         # A task pretraining never showed (a dm_control task above all, which looks nothing like Meta-World):
         # the toy VAE and CLIP continue on its demos too (clip_steps, vae_steps), then the DiT does.
         new_domain = {} if args.task in PRETRAIN_TASKS else {
-            "clip": train_clip(args, {args.task: demos}, progress, init=base / "clip.pt"),
+            "clip": train_clip(args, {args.task: demos}, progress, init=base / "clip.safetensors"),
             "vae": train_vae(args, videos, progress, init=base / "vae")}
         path = cache_path(args, "video", "", task=args.task, base=base.name, episodes=args.episodes,
                           steps=args.finetune_steps, batch=args.dit_batch, lr=args.finetune_lr, **data_key(args),
@@ -1426,7 +1466,7 @@ def video_reward(vae, frames: np.ndarray, goal_latents: torch.Tensor, num_frames
 # =====================================================================================================
 # E3.  I* = argmax_k cos(CLIP_img(frame_k), CLIP_txt(prompt)),  frames of the generated goal video.
 # The text target is the normalised mean of the prompts' embeddings. Default (toy CLIP): one prompt, the
-# task's "done" caption (section 3b explains why the toy CLIP can tell "done" from "in progress"). The
+# task's "end" caption (section 3b explains why the toy CLIP can tell a video's end from its middle). The
 # paper's code uses five generic grasp prompts with open_clip ViT-B-32; vdr uses the two that
 # the paper quotes, and those are what the `paper` preset uses.
 PAPER_GOAL_PROMPTS = ("robot arm grasping an object", "robotic gripper holding something")
@@ -1538,8 +1578,9 @@ class FB(nn.Module):
                  hidden: int = FB_HIDDEN, lr: float = FB_LR, tau: float = FB_TAU, seed: int = 0):
         import copy
         super().__init__()
-        torch.manual_seed(seed)
-        self.F, self.B = ForwardMap(obs_dim, act_dim, d, hidden), BackwardMap(feature_dim, d, hidden)
+        with torch.random.fork_rng():  # the nets' initialisation is a function of `seed`, and the caller's
+            torch.manual_seed(seed)    # global random stream is left as it was
+            self.F, self.B = ForwardMap(obs_dim, act_dim, d, hidden), BackwardMap(feature_dim, d, hidden)
         self.F_target, self.B_target = copy.deepcopy(self.F), copy.deepcopy(self.B)
         self.opt = torch.optim.Adam([*self.F.parameters(), *self.B.parameters()], lr=lr)
         self.gamma, self.tau, self.d = gamma, tau, d
@@ -1609,9 +1650,9 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
     from tqdm import tqdm
     data = None
     path = cache_path(args, "fb", ".pt", task=args.task, steps=args.fb_steps, batch=args.fb_batch, seed=args.seed,
-                      dim=FB_DIM, hidden=FB_HIDDEN, gamma=FB_GAMMA, **key)
-    if not path.exists():
-        data = fb_transitions(episodes, clip)
+                      dim=FB_DIM, hidden=FB_HIDDEN, gamma=FB_GAMMA, render_every=args.render_every, **key)
+    if not path.exists():  # the steps whose frames were rendered, as the RL loop's replay keeps them
+        data = fb_transitions(episodes, clip, args.render_every)
     dims = (episodes[0]["states"].shape[-1], episodes[0]["actions"].shape[-1],
             frame_features(clip, episodes[0]["frames"][:1]).shape[-1])  # obs_dim, act_dim, psi's D
     fb = FB(*dims, seed=args.seed)
@@ -1740,9 +1781,9 @@ class GenerativeReward:
 
 # ---- 7b. the CLIP-text reward of VLM-RM, a baseline and a reward mode of its own ----
 def clip_text_prompts(args: Args) -> list[str]:
-    """VLM-RM's text: the task's description. (Not the toy CLIP's "<task>, done" caption: that CLIP learned
-    it from the demos' success flags, which would make the baseline a success detector trained on labels
-    no generative reward sees; eval-reward reports it as `clip_text_done`, a reference like `dense`.)"""
+    """VLM-RM's text: the task's description, as VLM-RM prompts a CLIP trained elsewhere. (Not the toy
+    CLIP's "<task>, end" caption, which it learned from this task's demo videos; eval-reward reports that
+    one as `clip_text_end`.)"""
     return [task_prompt(args.task)]
 
 
@@ -2145,7 +2186,7 @@ def evaluate(agent: SAC, env: MetaWorld, episodes: int) -> dict[str, float]:
 # Fields that say where a run writes and how `bench` schedules it, not what it computes: a checkpoint resumes
 # under a bench with other tasks, modes, seeds or workers, or from a copied folder.
 NOT_RUN_SETTINGS = ("out", "resume", "bench_tasks", "bench_modes", "bench_seeds", "workers", "report_states",
-                    "slurm")
+                    "slurm", "shipped_toy")  # (a shipped and a trained toy model are the same weights)
 
 
 def run_settings(fields: dict) -> dict:
@@ -2635,10 +2676,10 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
         untrained.register_to_config(scaling_factor=model.vae.config.scaling_factor)
         variants["r_video_untrained"] = GenerativeReward(args, untrained, model.clip, model.tokenizer, fb, explore)
     latents, encoded = {}, {}  # E(clip_t) of every held-out episode, per variant (shared where VAE and clips agree)
-    for k, g in variants.items():
-        key = (id(g.vae), g.args.video_clip)
+    for k, v in variants.items():
+        key = (id(v.vae), v.args.video_clip)
         if key not in encoded:
-            encoded[key] = [g.latents(ep) for ep in tqdm(held_out, desc=f"encode [{k}]", disable=not progress)]
+            encoded[key] = [v.latents(ep) for ep in tqdm(held_out, desc=f"encode [{k}]", disable=not progress)]
         latents[k] = encoded[key]
     expert = [ep for ep, b in zip(held_out, behaviours) if b == "expert"]
     goal_videos = {"generated": [goal_video(args, model, ep["frames"][0], seed=args.seed + i)
@@ -2649,9 +2690,9 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
                "success_rate": {b: float(success[np.array(behaviours) == b].mean()) for b in BEHAVIOURS}}
     curves = {}
     for kind, videos in goal_videos.items():
-        goals = {k: [g.goal(v) for v in videos] for k, g in variants.items()}
+        goals = {k: [v.goal(video) for video in videos] for k, v in variants.items()}
         rewards = {name: [] for name in ("combined", "r_video", "r_fb", *list(variants)[1:], "clip_text",
-                                         "pixel_distance", "clip_text_done", "dense")}
+                                         "pixel_distance", "clip_text_end", "dense")}
         for j, ep in enumerate(held_out):
             i = j % args.eval_videos  # the initial state, hence the goal, of this episode
             goal = goals["vdr"][i]
@@ -2662,7 +2703,7 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
                 rewards[name].append(variants[name].terms(ep, goals[name][i], latents[name][j])["r_video"])
             rewards["clip_text"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"], prompts))
             if args.clip_model == "toy":
-                rewards["clip_text_done"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"],
+                rewards["clip_text_end"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"],
                                                                   goal_prompts(args)))
             rewards["pixel_distance"].append(pixel_reward(ep["frames"], goal.video[goal.frame_index]))
             rewards["dense"].append(ep["env_rewards"])
@@ -2740,15 +2781,14 @@ def plot_goal_frames(goals: list[Goal], path: Path) -> Path:
 # own reward, term by term: what the agent is paid for, next to what the expert would be.
 #
 # The main job's budget: what `python vdr.py` (the `run` command, tiny preset) changes from the tiny
-# defaults so that the whole pipeline takes minutes on 2 CPU cores (assets/RESULTS.md, section 1). The toy
-# video model trains at about half the budget of `pretrain`/`finetune` (its own cache keys; eval-video and
-# eval-reward use the full one). SAC gets 12k steps: 3k of random actions (20 episodes, as many as
-# eval-reward explores with, to set E6's scales) and 9k of learning, enough to watch the generative reward
-# start to work, not to solve the task; FB updates every 8th step instead of every 4th, since one FB
-# update (batch 256, hidden 512, twin heads) costs a few SAC updates. Any flag on the command line overrides
-# these.
-RUN_BUDGET = dict(reward="gen", steps=12_000, learning_starts=3_000, fb_every=8, pretrain_episodes=8,
-                  clip_steps=200, vae_steps=200, dit_steps=600, finetune_steps=400, sample_steps=20)
+# defaults so that the whole pipeline takes minutes on 2 CPU cores (assets/RESULTS.md, section 1). It
+# starts from the shipped pretrained toy model (section 3d) and finetunes it on the task at 400 steps
+# instead of 1000 (its own cache key; eval-video and eval-reward use the full finetune). SAC gets 12k steps:
+# 3k of random actions (20 episodes, as many as eval-reward explores with, to set E6's scales) and 9k of
+# learning, enough to watch the generative reward start to work, not to solve the task; FB updates every
+# 8th step instead of every 4th, since one FB update (batch 256, hidden 512, twin heads) costs a few SAC
+# updates. Any flag on the command line overrides these.
+RUN_BUDGET = dict(reward="gen", steps=12_000, learning_starts=3_000, fb_every=8, finetune_steps=400, sample_steps=20)
 
 
 def run(args: Args, out: Path | None = None) -> dict:
