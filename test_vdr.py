@@ -553,7 +553,7 @@ def test_goal_frame_selection_returns_the_planted_frame():
 
 def test_goal_prompts_per_preset():
     assert vdr.goal_prompts(vdr.make_args(task="drawer-open-v3")) == [
-        vdr.caption(vdr.task_prompt("drawer-open-v3"), "done")]
+        vdr.caption(vdr.task_prompt("drawer-open-v3"), "end")]
     assert vdr.goal_prompts(vdr.make_args(clip_model="ViT-B-32")) == list(vdr.PAPER_GOAL_PROMPTS)
 
 
@@ -652,7 +652,7 @@ def fake_episode(rng, T=20, size=64):
 def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centre):
     from diffusers import AutoencoderKLCogVideoX
     torch.manual_seed(0)
-    args = tiny_args(tmp_path, video_frames=9, reward_every=5, video_centre=centre)
+    args = tiny_args(tmp_path, video_frames=9, reward_every=5, render_every=1, video_centre=centre)
     vae = AutoencoderKLCogVideoX(**TINY_VAE).eval()
     clip, tokenizer = vdr.load_clip(args)
     fb = vdr.FB(obs_dim=39, act_dim=4, feature_dim=64, d=8, hidden=16)
@@ -688,12 +688,23 @@ def test_e6_weighs_the_standardised_terms_and_the_hybrid_scales_them_down():
     np.testing.assert_allclose(e6(reward="gen+dense", hybrid_weight=1.0, video_weight=0.5), [2.0, 1.5])
 
 
-def test_eval_reward_scores_every_reward_against_both_goals(tmp_path, tiny_video_models, video_cache):
-    args = video_args(tmp_path, cache_dir=video_cache, explore_episodes=2, fb_steps=3, fb_batch=16, episode_length=80)  # experts succeed
+def small_probe(monkeypatch):
+    """CEM at test size: 2 iterations of 6 plans, the best 2 kept."""
+    for name, value in (("PROBE_POPULATION", 6), ("PROBE_ELITES", 2), ("PROBE_ITERATIONS", 2)):
+        monkeypatch.setattr(vdr, name, value)
+
+
+def test_eval_reward_scores_every_reward_against_both_goals(tmp_path, tiny_video_models, video_cache, monkeypatch):
+    small_probe(monkeypatch)
+    args = video_args(tmp_path, cache_dir=video_cache, explore_episodes=2, fb_steps=3, fb_batch=16, episode_length=80,
+                      probe_states=1)  # episode_length 80: the experts succeed
     metrics = vdr.eval_reward(args, tmp_path / "er", progress=False)
     saved = json.loads((tmp_path / "er" / "metrics.json").read_text())
+    assert set(saved["probe"]) == {"combined", "r_video", "r_fb", "dense"}
+    for probe in saved["probe"].values():
+        assert len(probe["exploit_returns"]) == 1 and 0 <= probe["expert_over_exploit"] <= 1
     names = {"combined", "r_video", "r_fb", "r_video_centred", "r_video_window", "r_video_untrained", "clip_text",
-             "pixel_distance", "clip_text_done", "dense"}
+             "pixel_distance", "clip_text_end", "dense"}
     for quality in (saved, saved["oracle"]):
         assert names <= set(quality)
         assert all(set(quality[n]) == {"voc", "voc_random", "auroc"} for n in names)
@@ -703,6 +714,50 @@ def test_eval_reward_scores_every_reward_against_both_goals(tmp_path, tiny_video
     assert saved["dense"] == saved["oracle"]["dense"] and metrics["dense"]["auroc"] > 0.5
     for png in ("reward_curves.png", "goal_frames.png"):
         assert (tmp_path / "er" / png).stat().st_size > 1000
+
+
+@pytest.mark.filterwarnings("ignore:Constant")  # the expert's gains clip at 1, harmlessly
+def test_the_probe_finds_a_planted_exploit_and_none_in_the_dense_reward(tmp_path, monkeypatch):
+    """CEM, reading only the reward under test, beats the expert on a reward that pays something reach never
+    needs (the hand held far left), and does not beat it on Meta-World's own dense reward."""
+    small_probe(monkeypatch)
+    args = tiny_args(tmp_path, episode_length=60)
+    planted = lambda ep: float(-ep["states"][1:, 0].sum())  # the hand's x, negated: pays moving left
+    dense = lambda ep: float(ep["env_rewards"].sum())
+    with vdr.make_env(args) as env:
+        expert = vdr.rollout(env, vdr.expert_policy(args.task).get_action, vdr.HELDOUT_SEED0, render=False)
+        found = {name: vdr.exploit_episode(env, vdr.HELDOUT_SEED0, score, np.random.default_rng(0), render=False)
+                 for name, score in (("planted", planted), ("dense", dense))}
+    assert expert["success"].any()
+    assert planted(found["planted"]) > planted(expert) and not found["planted"]["success"].any()
+    assert dense(found["dense"]) < dense(expert)
+    m = vdr.probe_metrics(success_returns=np.array([10.0, 12.0]), expert_returns=np.array([10.0, 12.0]),
+                          exploit_returns=np.array([20.0, 5.0]), exploit_success=np.array([False, False]))
+    assert m["expert_over_exploit"] == 0.5 and m["auroc_exploit"] == 0.5  # one exploit above both successes
+
+
+def test_rollout_renders_at_a_stride_as_the_training_loop_does(tmp_path):
+    args = tiny_args(tmp_path)
+    with vdr.make_env(args) as env:
+        policy = lambda obs: np.full(4, 0.5)
+        full = vdr.rollout(env, policy, 7)["frames"]
+        strided = vdr.rollout(env, policy, 7, render_every=5)["frames"]
+    assert np.array_equal(strided, vdr.hold_frames(full, 5))
+
+
+def test_fb_from_loads_a_runs_fb_and_refuses_other_settings(tmp_path, tiny_video_models, video_cache):
+    args = video_args(tmp_path, cache_dir=video_cache, reward="gen", fb_batch=16, fb_warmup=3, goal_pool=2,
+                      out=str(tmp_path / "run"))
+    vdr.train(args, progress=False)
+    fb = vdr.FB(39, 4, 64, seed=99)
+    state = vdr.run_fb(dataclasses.replace(args, fb_from=str(tmp_path / "run")), fb)
+    saved = torch.load(tmp_path / "run" / "reward.pt", weights_only=True)
+    assert all(torch.equal(a, b) for a, b in zip(fb.state_dict().values(), saved["fb"].values()))
+    assert set(state) == set(vdr.GenerativeReward.state_dict_keys)
+    with pytest.raises(vdr.VdrError, match=f"--reward-every {args.reward_every}"):
+        vdr.run_fb(dataclasses.replace(args, fb_from=str(tmp_path / "run"), reward_every=args.reward_every + 1), fb)
+    with pytest.raises(vdr.VdrError, match="no reward.pt"):
+        vdr.run_fb(dataclasses.replace(args, fb_from=str(tmp_path)), fb)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -937,7 +992,8 @@ def test_main_job_runs_the_pipeline_and_writes_the_report(tmp_path, tiny_video_m
             "--episode-length", "40", "--eval-every", "120", "--eval-episodes", "1", "--episodes", "2",
             "--video-frames", "9", "--pretrain-episodes", "2", "--clip-steps", "2", "--vae-steps", "2",
             "--dit-steps", "2", "--finetune-steps", "2", "--sample-steps", "2", "--fb-batch", "16",
-            "--fb-warmup", "3", "--cache-dir", video_cache, "--out", str(tmp_path / "run")]
+            "--fb-warmup", "3", "--cache-dir", video_cache, "--out", str(tmp_path / "run"),
+            "--task", "reach-v3"]  # (its expert succeeds within 40 steps; drawer-close-v3's, the main job's, not)
     assert vdr.main(argv) == 0  # flags with no command: the main job (`run`), on the generative reward
     out = capsys.readouterr().out
     assert "[gen reward]" in out and "whole pipeline" in out
