@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 126-2476)                                                              line lines
+Part I, the method (lines 126-2477)                                                              line lines
    1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   183
    2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      315   288
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    603   765
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1368   109
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1477    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1508   178
-   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1686   123
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1809   213
-   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2022   349
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2371   106
-Part II, experiments and extensions (lines 2478-3615)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2484   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2584   332
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2916   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3054   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3223   315
-  16. Command line     one command per stage; every Args field is a flag                           3538    78
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    603   766
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1369   109
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1478    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1509   178
+   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1687   123
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1810   213
+   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2023   349
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2372   106
+Part II, experiments and extensions (lines 2479-3616)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2485   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2585   332
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2917   138
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3055   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3224   315
+  16. Command line     one command per stage; every Args field is a flag                           3539    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -973,7 +973,8 @@ def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: 
 VAE_CLIP = 9  # frames per VAE training window: 1 (encoded alone, causally) + 2 x 4 -> 3 latent frames
 VAE_BATCH = 4  # windows per step: 36 frames
 # Every toy model trains in float32, also where the CPU has native bf16 (AVX512-BF16, AMX) and bf16 would
-# be faster: the same seed must give the same video model on every CPU, with or without it.
+# be faster (~0.6 s per VAE step against ~1 s): whether a CPU has bf16 must not decide which video model a
+# seed makes. (float32 kernels still round differently with their vector width: assets/RESULTS.md, 13.)
 
 
 def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, init: Path | None = None) -> Path:
@@ -1118,8 +1119,8 @@ def load_toy_model(args: Args, path: Path) -> VideoModel:
 # finetuning. `pretrain` copies it into the cache when the run's settings are the ones it was trained with
 # (its key.json equals pretrain_key(args)), and trains from scratch otherwise or with --no-shipped-toy,
 # which is how the shipped folder is reproduced. Its weights are stored in float16 whichever way it is
-# made, so a trained and a shipped model are the same weights; the record shows that the rounding leaves
-# the goal videos and rewards as they were.
+# made, so a trained and a shipped model are the same weights; the rounding leaves the goal videos and
+# rewards as they were (assets/RESULTS.md, section 13).
 SHIPPED_TOY = Path(__file__).resolve().parent / "assets" / "toy-video-model"
 
 
@@ -2927,12 +2928,12 @@ def plot_goal_frames(goals: list[Goal], path: Path) -> Path:
 # and 6 of the record); on reach-v3, whose target is 1-2 px in a 64 px frame, it did not reliably do so
 # (0.00-0.30 success at this budget). It starts from the shipped pretrained toy model (section 3d) and
 # finetunes it on the task at 400 steps instead of 1000 (its own cache key; eval-video and eval-reward use
-# the full finetune). SAC gets 12k steps:
-# 3k of random actions (20 episodes, as many as eval-reward explores with, to set E6's scales) and 9k of
-# learning, enough to watch the generative reward start to work, not to solve the task; FB updates every
-# 8th step instead of every 4th, since one FB update (batch 256, hidden 512, twin heads) costs a few SAC
-# updates. Any flag on the command line overrides these.
-RUN_BUDGET = dict(task="drawer-close-v3", reward="gen", steps=12_000, learning_starts=3_000, fb_every=8, finetune_steps=400, sample_steps=20)
+# the full finetune). SAC gets 12k steps: 3k of random actions (20 episodes, as many as eval-reward explores
+# with, to set E6's scales) and 9k of learning; FB updates every 8th step instead of every 4th, since one FB
+# update (batch 256, hidden 512, twin heads) costs a few SAC updates. Any flag on the command line
+# overrides these.
+RUN_BUDGET = dict(task="drawer-close-v3", reward="gen", steps=12_000, learning_starts=3_000, fb_every=8,
+                  finetune_steps=400, sample_steps=20)
 
 
 def run(args: Args, out: Path | None = None) -> dict:
