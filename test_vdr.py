@@ -648,11 +648,12 @@ def fake_episode(rng, T=20, size=64):
             "env_rewards": rng.random(T).astype(np.float32), "success": np.zeros(T, bool)}
 
 
-@pytest.mark.parametrize("centre", [True, False])
-def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centre):
+@pytest.mark.parametrize("centre,fb_reward", [(True, "value"), (False, "value"), (False, "shaping")])
+def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centre, fb_reward):
     from diffusers import AutoencoderKLCogVideoX
     torch.manual_seed(0)
-    args = tiny_args(tmp_path, video_frames=9, reward_every=5, render_every=1, video_centre=centre)
+    args = tiny_args(tmp_path, video_frames=9, reward_every=5, render_every=1, video_centre=centre,
+                     fb_reward=fb_reward)
     vae = AutoencoderKLCogVideoX(**TINY_VAE).eval()
     clip, tokenizer = vdr.load_clip(args)
     fb = vdr.FB(obs_dim=39, act_dim=4, feature_dim=64, d=8, hidden=16)
@@ -672,6 +673,18 @@ def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centr
     for k in ("r_video", "r_fb"):
         z = np.stack([(reward.terms(ep, goal)[k] - goal.stats[k][0]) / goal.stats[k][1] for ep in explore])  # (N, T)
         assert np.abs(z.mean(0)).max() < 1e-4 and z.std() == pytest.approx(1.0, abs=1e-3)
+
+
+def test_shaping_telescopes_and_reads_the_frames_through_b():
+    phi = torch.randn(3, 11)  # (episodes, T+1)
+    assert torch.allclose(vdr.shaping(phi, 1.0).sum(-1), phi[:, -1] - phi[:, 0], atol=1e-5)
+    discount = 0.9 ** torch.arange(10)  # with gamma < 1, the discounted return telescopes exactly
+    assert torch.allclose((discount * vdr.shaping(phi, 0.9)).sum(-1), 0.9 ** 10 * phi[:, -1] - phi[:, 0], atol=1e-5)
+    fb = vdr.FB(obs_dim=5, act_dim=2, feature_dim=3, d=8, hidden=16)
+    psi, goal = torch.randn(4, 3), torch.randn(3)
+    assert torch.allclose(fb.potential(psi, goal), fb.B(psi) @ fb.goal_z(goal))
+    with pytest.raises(vdr.VdrError, match="--fb-reward"):
+        vdr.make_args(fb_reward="potential")
 
 
 def test_e6_weighs_the_standardised_terms_and_the_hybrid_scales_them_down():

@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 126-2477)                                                              line lines
-   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   183
-   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      315   288
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    603   766
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1369   109
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1478    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1509   178
-   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1687   123
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1810   213
-   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2023   349
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2372   106
-Part II, experiments and extensions (lines 2479-3616)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2485   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2585   332
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2917   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3055   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3224   315
-  16. Command line     one command per stage; every Args field is a flag                           3539    78
+Part I, the method (lines 126-2522)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   187
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      319   288
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    607   766
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1373   109
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1482    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1513   199
+   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1712   143
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1855   213
+   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2068   349
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2417   106
+Part II, experiments and extensions (lines 2524-3660)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2530   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2630   331
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2961   138
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3099   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3268   315
+  16. Command line     one command per stage; every Args field is a flag                           3583    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -190,6 +190,8 @@ class Args:
                                 "paper: 128 of 500)")
     render_every: int = arg(5, "the reward's frames are rendered every this many env steps (and at the episode's "
                                "end) and held in between (section 4); FB's replay keeps the rendered steps")
+    fb_reward: str = arg("value", "E5: 'value', F(s,a,z*)^T z* (the paper's), or 'shaping', gamma Phi(o') - Phi(o) "
+                                  "with Phi(o) = B(psi(o))^T z* (section 6)")
     fb_steps: int = arg(3000, "offline FB training steps (eval-reward)")
     fb_batch: int = arg(256, "FB transitions per step (published: 1024; 256 keeps CPU steps ~4x cheaper)")
     explore_episodes: int = arg(20, "eval-reward's random episodes: E2's centre, E6's scales, FB's exploratory data")
@@ -284,6 +286,8 @@ def check_args(args: Args) -> None:
             raise VdrError(f"unknown reward mode {mode!r} in --bench-modes; choose from: {', '.join(REWARD_MODES)}")
     for check in ARG_CHECKS:  # Part II's flags (section 1's ARG_CHECKS)
         check(args)
+    if args.fb_reward not in FB_REWARDS:
+        raise VdrError(f"unknown --fb-reward {args.fb_reward!r}; choose one of: {', '.join(FB_REWARDS)}")
     if args.video_clip not in VIDEO_CLIP_MODES:
         raise VdrError(f"unknown --video-clip {args.video_clip!r}; choose one of: {', '.join(VIDEO_CLIP_MODES)}")
     for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes", "fb_steps",
@@ -1526,6 +1530,17 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 # of the agent's CNN features in training and DINOv3 features at reward time; vdr does not copy that mix.)
 #
 # E5.  z* = sqrt(d) normalize(B(psi(I*))),   r_fb(s, a) = min_k F_k(s, a, z*)^T z*
+# F(s, a, z*)^T z* is a value: the discounted visits to the goal expected of the policy that collected
+# FB's data, after (s, a). Paid at every step, it pays holding a state F rates highly as much as reaching
+# the goal, and eval-reward's exploit probe finds such states from every state it tries (assets/RESULTS.md,
+# section 4.2). --fb-reward shaping pays instead the change of B's goal kernel, a potential of the frame:
+#     Phi(o) = B(psi(o))^T z*,    r_fb(t) = gamma Phi(o_{t+1}) - Phi(o_t)       (gamma: SAC's discount)
+# potential-based shaping (Ng, Harada & Russell 1999; VIP's reward has this form), which changes no
+# policy's ranking by itself: an episode's shaped return telescopes to ~Phi(o_T) - Phi(o_0), so it pays
+# arriving at frames B places near the goal, not lingering anywhere. It reads B only, not F. Measured
+# (assets/RESULTS.md, section 4.3): with eval-reward's FB, Phi does not rise along the expert's episodes,
+# so the shaped term ranks nothing (AUROC at chance) and the probe still beats the expert; off by default.
+FB_REWARDS = ("value", "shaping")
 FB_DIM = 64  # d, published
 FB_HIDDEN = 512  # published
 FB_LR = 1e-4  # published (Adam)
@@ -1629,6 +1644,16 @@ class FB(nn.Module):
         z = self.goal_z(goal_features).expand(len(obs), -1)  # (n, d)
         return (self.F(obs, actions, z) * z).sum(-1).min(0).values  # (n,)
 
+    @torch.no_grad()
+    def potential(self, features: torch.Tensor, goal_features: torch.Tensor) -> torch.Tensor:
+        """Phi(o) = B(psi(o))^T z* for frames' features (n, feature_dim) -> (n,) (--fb-reward shaping)."""
+        return self.B(features) @ self.goal_z(goal_features)  # (n, d) @ (d,) -> (n,)
+
+
+def shaping(phi: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Potential-based shaping gamma Phi(o_{t+1}) - Phi(o_t) along the last axis: (..., T+1) -> (..., T)."""
+    return gamma * phi[..., 1:] - phi[..., :-1]
+
 
 @torch.no_grad()
 def frame_features(clip, frames: np.ndarray, batch: int = 256) -> torch.Tensor:
@@ -1731,11 +1756,13 @@ class GenerativeReward:
         state = state or {  # the episodes have one length T (Meta-World never terminates early)
             "explore_latents": torch.stack([self.latents(ep) for ep in exploratory]),  # (N, n, D)
             "explore_obs": torch.as_tensor(np.stack([ep["states"][:-1] for ep in exploratory])),  # (N, T, obs_dim)
-            "explore_actions": torch.as_tensor(np.stack([ep["actions"] for ep in exploratory]))}  # (N, T, act_dim)
-        self.explore_latents, self.explore_obs, self.explore_actions = (state[k] for k in self.state_dict_keys)
+            "explore_actions": torch.as_tensor(np.stack([ep["actions"] for ep in exploratory])),  # (N, T, act_dim)
+            "explore_features": torch.stack([self.features(ep) for ep in exploratory])}  # (N, T+1, D)
+        self.explore_latents, self.explore_obs, self.explore_actions, self.explore_features = (
+            state[k] for k in self.state_dict_keys)
         self.reference = self.explore_latents.flatten(0, 1).mean(0) if args.video_centre else None  # m of E2: (D,)
 
-    state_dict_keys = ("explore_latents", "explore_obs", "explore_actions")
+    state_dict_keys = ("explore_latents", "explore_obs", "explore_actions", "explore_features")
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.state_dict_keys}
@@ -1745,6 +1772,22 @@ class GenerativeReward:
         frames are read as rendered every render_every steps (hold_frames), whoever rendered them."""
         return clip_latents(self.vae, hold_frames(episode["frames"], self.args.render_every),
                             self.args.video_frames, self.args.reward_every, self.args.video_clip)
+
+    def features(self, episode: dict) -> torch.Tensor:
+        """psi of every frame o_0..o_T as rendered every render_every steps and held: (T+1, D). Only the
+        rendered frames go through CLIP."""
+        T = len(episode["frames"]) - 1
+        steps = rendered_steps(T, self.args.render_every)  # (n,)
+        psi = frame_features(self.clip, episode["frames"][steps])  # (n, D)
+        return psi[np.searchsorted(steps, np.arange(T + 1), side="right") - 1]  # (T+1, D)
+
+    def r_fb(self, episode: dict, goal: Goal) -> np.ndarray:
+        """E5 for every step of an episode, (T,): F's value at (s_t, a_t), or with --fb-reward shaping
+        gamma Phi(o_{t+1}) - Phi(o_t) (section 6)."""
+        if self.args.fb_reward == "shaping":
+            return shaping(self.fb.potential(self.features(episode), goal.features), self.args.gamma).numpy()
+        return self.fb.reward(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
+                              goal.features).numpy()  # r_fb(s_t, a_t), t = 0..T-1
 
     @torch.no_grad()
     def goal(self, video: np.ndarray, known: Goal | None = None) -> Goal:
@@ -1761,8 +1804,12 @@ class GenerativeReward:
         times = scored_steps(T, self.args.reward_every)
         r_video = np.stack([hold(times, latent_similarity(z, latents, self.reference), T)
                             for z in self.explore_latents])  # (N, T)
-        r_fb = self.fb.reward(self.explore_obs.flatten(0, 1), self.explore_actions.flatten(0, 1),
-                              features).numpy().reshape(N, T)  # (N*T,) -> (N, T)
+        if self.args.fb_reward == "shaping":
+            phi = self.fb.potential(self.explore_features.flatten(0, 1), features).reshape(N, T + 1)  # (N, T+1)
+            r_fb = shaping(phi, self.args.gamma).numpy()  # (N, T)
+        else:
+            r_fb = self.fb.reward(self.explore_obs.flatten(0, 1), self.explore_actions.flatten(0, 1),
+                                  features).numpy().reshape(N, T)  # (N*T,) -> (N, T)
         stats = {name: (r.mean(0), float((r - r.mean(0)).std()) + 1e-8)  # mu(t): (T,), pooled sigma
                  for name, r in (("r_video", r_video), ("r_fb", r_fb))}
         return Goal(video, latents, index, scores, features, stats)
@@ -1773,9 +1820,7 @@ class GenerativeReward:
         r_video = video_reward(self.vae, hold_frames(episode["frames"], self.args.render_every), goal.latents,
                                self.args.video_frames, self.args.reward_every, self.args.video_clip,
                                self.reference, latents)
-        r_fb = self.fb.reward(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
-                              goal.features).numpy()  # r_fb(s_t, a_t), t = 0..T-1
-        return {"r_video": r_video, "r_fb": r_fb.astype(np.float32)}
+        return {"r_video": r_video, "r_fb": self.r_fb(episode, goal).astype(np.float32)}
 
     @staticmethod
     def standardise(terms: dict[str, np.ndarray], goal: Goal) -> dict[str, np.ndarray]:
@@ -2719,8 +2764,7 @@ def exploit_probe(args: Args, g: GenerativeReward, goals: list[Goal], held_out: 
     scores = {  # the reward under test of one episode from state i, and whether it needs frames
         "combined": (lambda ep, i: g.reward(ep, goals[i]).sum(), True),
         "r_video": (lambda ep, i: g.terms(ep, goals[i])["r_video"].sum(), True),
-        "r_fb": (lambda ep, i: g.fb.reward(torch.as_tensor(ep["states"][:-1]), torch.as_tensor(ep["actions"]),
-                                           goals[i].features).sum().item(), False),
+        "r_fb": (lambda ep, i: g.r_fb(ep, goals[i]).sum(), args.fb_reward == "shaping"),
         "dense": (lambda ep, i: ep["env_rewards"].sum(), False)}
     n, out = min(args.probe_states, args.eval_videos), {}
     if n == 0:
