@@ -270,7 +270,7 @@ def tiny_video_models(monkeypatch):
     monkeypatch.setattr(vdr, "PRETRAIN_TASKS", ("reach-v3", "drawer-open-v3"))
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # every test is in this one module
 def video_cache(tmp_path_factory):
     """One cache of tiny video models for the tests that only use them (the configs are the same in every
     test that shrinks them, so the cache keys agree): each is pretrained and finetuned once, not per test."""

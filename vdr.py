@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 126-2522)                                                              line lines
+Part I, the method (lines 126-2528)                                                              line lines
    1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   187
    2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      319   288
    3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    607   766
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1373   109
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1482    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1513   199
-   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1712   143
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1855   213
-   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2068   349
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2417   106
-Part II, experiments and extensions (lines 2524-3660)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2530   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2630   331
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2961   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3099   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3268   315
-  16. Command line     one command per stage; every Args field is a flag                           3583    78
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1373   115
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1488    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1519   199
+   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1718   143
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1861   213
+   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2074   349
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2423   106
+Part II, experiments and extensions (lines 2530-3666)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2536   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2636   331
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2967   138
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3105   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3274   315
+  16. Command line     one command per stage; every Args field is a flag                           3589    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -1430,8 +1430,14 @@ def hold_frames(frames: np.ndarray, every: int) -> np.ndarray:
     last frame rendered at or before it (a zero-order hold, at most every-1 steps old). every=1: unchanged."""
     if every == 1:
         return frames
-    steps = rendered_steps(len(frames) - 1, every)
-    return frames[steps[np.searchsorted(steps, np.arange(len(frames)), side="right") - 1]]  # (T+1, H, W, 3)
+    return frames[rendered_steps(len(frames) - 1, every)[last_rendered(len(frames) - 1, every)]]  # (T+1, H, W, 3)
+
+
+def last_rendered(T: int, every: int) -> np.ndarray:
+    """For each step 0..T, the position in rendered_steps(T, every) of the last rendered step at or before
+    it: (T+1,). Indexes what was computed on the rendered frames alone (frames, CLIP features) per step."""
+    steps = rendered_steps(T, every)
+    return np.searchsorted(steps, np.arange(T + 1), side="right") - 1
 
 
 def scored_steps(T: int, every: int) -> np.ndarray:
@@ -1779,7 +1785,7 @@ class GenerativeReward:
         T = len(episode["frames"]) - 1
         steps = rendered_steps(T, self.args.render_every)  # (n,)
         psi = frame_features(self.clip, episode["frames"][steps])  # (n, D)
-        return psi[np.searchsorted(steps, np.arange(T + 1), side="right") - 1]  # (T+1, D)
+        return psi[last_rendered(T, self.args.render_every)]  # (T+1, D)
 
     def r_fb(self, episode: dict, goal: Goal) -> np.ndarray:
         """E5 for every step of an episode, (T,): F's value at (s_t, a_t), or with --fb-reward shaping
@@ -2384,7 +2390,7 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
 def plot_learning_curve(curve: list[dict], path: Path, title: str) -> Path:
     """Eval success and eval return against env steps and, where the curve has them (train() adds them), the
     training episodes' success and rewards' returns, each the mean over the interval that ends there."""
-    # A bare Figure, not pyplot: draws to a file without touching the session's backend (a notebook's
+    # A bare Figure, not pyplot: draws to a file without touching the current backend (a notebook's
     # inline plots keep working after train() has run).
     from matplotlib.figure import Figure
 
