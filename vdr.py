@@ -504,7 +504,7 @@ def rollout(env: MetaWorld, policy, seed: int, render: bool = True, frames: int 
         obs, reward, terminated, truncated, info = env.step(action)
         states.append(obs); actions.append(action); rewards.append(reward); success.append(info["success"] > 0)
         if render and (keep is None or t in keep):
-            drawn = t % render_every == 0 or terminated or truncated or t == env.episode_length
+            drawn = t % render_every == 0 or terminated or truncated  # as the training loop renders
             images.append(env.render() if drawn else images[-1])
         if terminated or truncated:
             break
