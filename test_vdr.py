@@ -279,7 +279,8 @@ def video_cache(tmp_path_factory):
 
 def video_args(tmp_path, **overrides):
     return tiny_args(tmp_path, **{**dict(video_frames=9, pretrain_episodes=2, clip_steps=2, vae_steps=2,
-                                          dit_steps=2, finetune_steps=2, sample_steps=2, eval_videos=2), **overrides})
+                                          dit_steps=2, finetune_steps=2, sample_steps=2, eval_videos=2,
+                                          explore_episodes=2, fb_steps=5, fb_batch=16), **overrides})
 
 
 @pytest.mark.parametrize("frames", [1, 9, 17])
@@ -683,6 +684,9 @@ def test_shaping_telescopes_and_reads_the_frames_through_b():
     fb = vdr.FB(obs_dim=5, act_dim=2, feature_dim=3, d=8, hidden=16)
     psi, goal = torch.randn(4, 3), torch.randn(3)
     assert torch.allclose(fb.potential(psi, goal), fb.B(psi) @ fb.goal_z(goal))
+    # --fb-reward kernel pays the potential of the frame each step arrives at: Phi(o_1), ..., Phi(o_T)
+    assert torch.equal(vdr.fb_potential_reward(phi, vdr.make_args(fb_reward="kernel")), phi[:, 1:])
+    assert torch.equal(vdr.fb_potential_reward(phi, vdr.make_args(fb_reward="shaping")), vdr.shaping(phi, 0.99))
     with pytest.raises(vdr.VdrError, match="--fb-reward"):
         vdr.make_args(fb_reward="potential")
 
@@ -727,6 +731,8 @@ def test_eval_reward_scores_every_reward_against_both_goals(tmp_path, tiny_video
     assert saved["dense"] == saved["oracle"]["dense"] and metrics["dense"]["auroc"] > 0.5
     for png in ("reward_curves.png", "goal_frames.png"):
         assert (tmp_path / "er" / png).stat().st_size > 1000
+    with pytest.raises(vdr.VdrError, match="--probe-rewards r_vid"):
+        vdr.make_args(probe_rewards="combined,r_vid")
 
 
 @pytest.mark.filterwarnings("ignore:Constant")  # the expert's gains clip at 1, harmlessly
@@ -766,6 +772,9 @@ def test_fb_from_loads_a_runs_fb_and_refuses_other_settings(tmp_path, tiny_video
     state = vdr.run_fb(dataclasses.replace(args, fb_from=str(tmp_path / "run")), fb)
     saved = torch.load(tmp_path / "run" / "reward.pt", weights_only=True)
     assert all(torch.equal(a, b) for a, b in zip(fb.state_dict().values(), saved["fb"].values()))
+    # the run paid r_fb from the offline FB, frozen: the one eval-reward judges (section 6's offline_fb)
+    offline = vdr.offline_fb(args, vdr.load_video_model(args), progress=False).state_dict()
+    assert offline.keys() == saved["fb"].keys() and all(torch.equal(offline[k], saved["fb"][k]) for k in offline)
     assert set(state) == set(vdr.GenerativeReward.state_dict_keys)
     with pytest.raises(vdr.VdrError, match=f"--reward-every {args.reward_every}"):
         vdr.run_fb(dataclasses.replace(args, fb_from=str(tmp_path / "run"), reward_every=args.reward_every + 1), fb)
@@ -880,7 +889,9 @@ def test_train_cli_runs_gradient_updates_and_writes_reports(tmp_path):
 
 @pytest.mark.parametrize("mode", ["gen", "gen+dense", "clip-text"])
 def test_reward_modes_that_see_frames_train_past_learning_starts(tmp_path, tiny_video_models, video_cache, mode):
-    args = video_args(tmp_path, cache_dir=video_cache, reward=mode, fb_batch=16, fb_warmup=3, fb_every=2, fb_freeze=220)
+    # gen pays r_fb from the offline FB, gen+dense here from FB trained online (--fb-online) until step 220
+    online = dict(fb_online=True, fb_warmup=3, fb_every=2, fb_freeze=220) if mode == "gen+dense" else {}
+    args = video_args(tmp_path, cache_dir=video_cache, reward=mode, **online)
     metrics = vdr.train(args, progress=False)
     log = read_log(tmp_path / "out" / "log.jsonl")
     updates = [r for r in log if "losses/qf1_loss" in r]
@@ -896,14 +907,18 @@ def test_reward_modes_that_see_frames_train_past_learning_starts(tmp_path, tiny_
     assert last["train/reward_return"] == pytest.approx(np.mean([r["charts/reward_return"] for r in returns
                                                                  if r["step"] >= 120]))
     assert ("train/r_video_std_return" in last) == (mode != "clip-text") and 0 <= last["train/episodic_success"] <= 1
-    if mode != "clip-text":  # FB learned online, and only until it was frozen
-        fb_steps = [r["step"] for r in log if "losses/fb" in r]
+    fb_steps = [r["step"] for r in log if "losses/fb" in r]
+    if mode == "gen+dense":  # FB learned online, and only until it was frozen; r_fb paid only after that
         assert fb_steps and max(fb_steps) < 220
+        assert [r["charts/r_fb_std_return"] != 0 for r in returns] == [r["step"] >= 220 for r in returns]
+        assert returns[-1]["step"] >= 220
+    else:
+        assert fb_steps == []  # the offline FB never trains during RL
     assert metrics["env_steps"] == 240
     parts = metrics["reward_seconds_by_part"]  # the reward's cost, in parts that add up to the whole
     assert set(parts) == set(vdr.REWARD_COST_PARTS) and parts["render"] > 0 and parts["scoring"] > 0
     assert metrics["reward_seconds"] == pytest.approx(sum(parts.values()))
-    assert (parts["goal_video"] > 0 and parts["fb_updates"] > 0) == (mode != "clip-text")
+    assert (parts["goal_video"] > 0) == (mode != "clip-text") and (parts["fb_updates"] > 0) == (mode == "gen+dense")
 
 
 def test_the_goal_pool_makes_each_states_goal_video_once(tmp_path, tiny_video_models, video_cache, monkeypatch):
@@ -955,7 +970,7 @@ def test_a_strided_reward_equals_the_full_one_where_the_strides_coincide(monkeyp
 
 
 def test_fb_demos_put_the_expert_demos_in_fbs_replay_and_only_then(tmp_path, tiny_video_models, video_cache):
-    args = video_args(tmp_path, cache_dir=video_cache, reward="gen", fb_demos=True)
+    args = video_args(tmp_path, cache_dir=video_cache, reward="gen", fb_online=True, fb_demos=True)
     demos = vdr.collect_demos(args, progress=False)  # the finetuning demos, cached
     [part] = vdr.EpisodeRewards(args, 39, 4).fb_parts  # FB's replay before the agent's first episode
     assert len(part["obs"]) == args.episodes * (args.episode_length - 1)  # (s, a, s', a') per step but the last
@@ -967,9 +982,10 @@ class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("mode", ["dense", "gen"])
-def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_video_models, video_cache, monkeypatch, mode):
-    settings = dict(cache_dir=video_cache, reward=mode, fb_batch=16, fb_warmup=3, fb_every=2)
+@pytest.mark.parametrize("mode,fb_online", [("dense", False), ("gen", False), ("gen", True)])
+def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_video_models, video_cache, monkeypatch, mode,
+                                                     fb_online):
+    settings = dict(cache_dir=video_cache, reward=mode, fb_online=fb_online, fb_warmup=3, fb_every=2, fb_freeze=200)
     whole = vdr.train(video_args(tmp_path, out=str(tmp_path / "whole"), **settings), progress=False)
     evaluate, calls = vdr.evaluate, []
 

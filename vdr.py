@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 126-2528)                                                              line lines
-   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   187
-   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      319   288
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    607   766
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1373   115
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1488    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1519   199
-   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1718   143
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1861   213
-   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2074   349
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2423   106
-Part II, experiments and extensions (lines 2530-3666)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2536   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2636   331
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  2967   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3105   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3274   315
-  16. Command line     one command per stage; every Args field is a flag                           3589    78
+Part I, the method (lines 126-2611)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   193
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      325   288
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    613   766
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1379   115
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1494    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1525   268
+   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1793   144
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1937   213
+   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2150   356
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2506   106
+Part II, experiments and extensions (lines 2613-3752)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2619   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2719   335
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3054   137
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3191   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3360   315
+  16. Command line     one command per stage; every Args field is a flag                           3675    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -181,6 +181,8 @@ class Args:
     eval_videos: int = arg(10, "held-out initial states of eval-video (goal videos) and eval-reward (x 4 behaviours)")
     probe_states: int = arg(5, "eval-reward: held-out states from which the exploit probe optimises each reward "
                                "(section 12); 0: no probe")
+    probe_rewards: str = arg("combined,r_video,r_fb,dense", "eval-reward: the rewards the exploit probe optimises, "
+                                                            "comma-separated (dense is the control)")
     fb_from: str = arg("", "eval-reward: r_fb and E6's scales from this `train` run's reward.pt (the FB RL trained) "
                            "instead of the offline FB")
     # --- rewards (sections 4-7) ---
@@ -190,11 +192,11 @@ class Args:
                                 "paper: 128 of 500)")
     render_every: int = arg(5, "the reward's frames are rendered every this many env steps (and at the episode's "
                                "end) and held in between (section 4); FB's replay keeps the rendered steps")
-    fb_reward: str = arg("value", "E5: 'value', F(s,a,z*)^T z* (the paper's), or 'shaping', gamma Phi(o') - Phi(o) "
-                                  "with Phi(o) = B(psi(o))^T z* (section 6)")
-    fb_steps: int = arg(3000, "offline FB training steps (eval-reward)")
+    fb_reward: str = arg("value", "E5: 'value', F(s,a,z*)^T z* (the paper's); 'shaping', gamma Phi(o') - Phi(o), "
+                                  "or 'kernel', Phi(o'), with Phi(o) = B(psi(o))^T z* (section 6)")
+    fb_steps: int = arg(3000, "training steps of the offline FB (section 6), which eval-reward judges and RL pays from")
     fb_batch: int = arg(256, "FB transitions per step (published: 1024; 256 keeps CPU steps ~4x cheaper)")
-    explore_episodes: int = arg(20, "eval-reward's random episodes: E2's centre, E6's scales, FB's exploratory data")
+    explore_episodes: int = arg(20, "random and noisy-expert episodes in the offline FB's data (section 6)")
     video_weight: float = arg(1.0, "alpha of E6: weight of the standardised r_video (section 7)")
     fb_weight: float = arg(1.0, "beta of E6: weight of the standardised r_fb (section 7)")
     hybrid_weight: float = arg(0.1, "gen+dense: alpha and beta are scaled by this, keeping E6 below the env's reward")
@@ -213,10 +215,13 @@ class Args:
     alpha: float = arg(0.2, "entropy temperature; the initial value when autotune is on")
     autotune: bool = arg(True, "learn the temperature to keep the policy's entropy near -act_dim")
     obs_norm: bool = arg(True, "standardise SAC's observations by statistics of the random-action steps (section 8)")
-    fb_every: int = arg(4, "gen modes: one online FB update every this many env steps (one costs 2-3.6 SAC updates)")
-    fb_warmup: int = arg(1000, "gen modes: FB updates on the exploratory data before the first reward is computed")
-    fb_freeze: int = arg(25_000, "gen modes: FB stops training at this env step, as in the paper (at 100k of 1M)")
-    fb_demos: bool = arg(False, "gen modes: the task's expert demos join FB's replay (section 9); off: the paper's")
+    fb_online: bool = arg(False, "gen modes: FB trains online on the agent's replay and r_fb is paid from --fb-freeze "
+                                 "on (the paper's code); off: the offline FB, frozen before SAC (section 6)")
+    fb_every: int = arg(4, "--fb-online: one FB update every this many env steps (one costs 2-3.6 SAC updates)")
+    fb_warmup: int = arg(1000, "--fb-online: FB updates on the exploratory data before SAC starts")
+    fb_freeze: int = arg(25_000, "--fb-online: FB stops training, and r_fb starts paying, at this env step (the "
+                                 "paper: 100k of 1M)")
+    fb_demos: bool = arg(False, "--fb-online: the task's expert demos join FB's replay (section 9); off: the paper's")
     goal_pool: int = arg(50, "training episodes start from a fixed pool of this many initial states per task and "
                              "seed (MT1's 50), whose goal videos are made once (section 9); 0: a fresh state each")
     resume: bool = arg(False, "train: continue from OUT/checkpoint.pt (saved after each evaluation) if there is one")
@@ -253,6 +258,7 @@ PRESETS = {
         finetune_lr=1e-4,
         fb_batch=1024,  # published
         reward_every=128,  # published
+        fb_online=True,  # the published schedule: online until the freeze
         fb_freeze=100_000,  # published
         fb_every=1,
     ),
@@ -1529,7 +1535,8 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 #     L_FB    = 1/2 mean_{i != j} (M_ij - gamma Mbar_ij)^2  -  mean_i M_ii
 #     L_ortho = mean_{i != j} (B_i^T B_j)^2  -  2 mean_i |B_i|^2          (pushes E[B B^T] toward I)
 #     loss    = L_FB + lambda_ortho L_ortho
-# z is drawn on the sphere of radius sqrt(d), and B's output is normalised onto it too.
+# z is drawn on the sphere of radius sqrt(d), half uniformly and half as B of the batch's frames (B's output
+# is normalised onto the same sphere), and F reads the state standardised by its training data's statistics.
 # The agent's side, F, sees the state and action; the goal side, B, sees image features psi(frame) of a
 # rendered frame, so that a goal *image* (E3's goal frame) can be fed to it. psi is ONE frozen extractor,
 # the CLIP image encoder, at training and at reward time. (The published code feeds B a learned projection
@@ -1539,19 +1546,30 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 # F(s, a, z*)^T z* is a value: the discounted visits to the goal expected of the policy that collected
 # FB's data, after (s, a). Paid at every step, it pays holding a state F rates highly as much as reaching
 # the goal, and eval-reward's exploit probe finds such states from every state it tries (assets/RESULTS.md,
-# section 4.2). --fb-reward shaping pays instead the change of B's goal kernel, a potential of the frame:
+# section 4.2); with FB trained as section 6's offline FB is, from 2 of 5 on button-press-v3 and still from
+# every state on reach-v3 (section 4.4). It stays the default: the candidates below did worse.
+# --fb-reward shaping pays instead the change of B's goal kernel, a potential of the frame:
 #     Phi(o) = B(psi(o))^T z*,    r_fb(t) = gamma Phi(o_{t+1}) - Phi(o_t)       (gamma: SAC's discount)
 # potential-based shaping (Ng, Harada & Russell 1999; VIP's reward has this form), which changes no
 # policy's ranking by itself: an episode's shaped return telescopes to ~Phi(o_T) - Phi(o_0), so it pays
 # arriving at frames B places near the goal, not lingering anywhere. It reads B only, not F. Measured
 # (assets/RESULTS.md, section 4.3): with eval-reward's FB, Phi does not rise along the expert's episodes,
 # so the shaped term ranks nothing (AUROC at chance) and the probe still beats the expert; off by default.
-FB_REWARDS = ("value", "shaping")
+# --fb-reward kernel pays the potential itself, at the frame the step arrives at:
+#     r_fb(t) = Phi(o_{t+1}) = B(psi(o_{t+1}))^T z*
+# the reward whose value F(s, a, z*)^T z* is, in FB's own terms (z_r = E_rho[r(s) B(s)] with E[B B^T] ~ I
+# makes r(s) = B(s)^T z): it pays the agent at each step for the frame it is in, and leaves the credit
+# assignment to SAC's own critic. It reads B only, a function of the frame, so no action F never saw can
+# raise it. Measured (assets/RESULTS.md, section 4.4): it ranks episodes worse than F's value (AUROC 0.48
+# on reach-v3, 0.80 on button-press-v3) and the probe finds frames B places nearer the goal frame than the
+# expert's from every state; off by default.
+FB_REWARDS = ("value", "shaping", "kernel")
 FB_DIM = 64  # d, published
 FB_HIDDEN = 512  # published
 FB_LR = 1e-4  # published (Adam)
 FB_ORTHO = 1.0  # lambda_ortho, published
 FB_TAU = 0.01  # target soft update, published
+FB_Z_FROM_B = 0.5  # share of training z's that are B of a batch frame (controllable_agent's and Meta Motivo's 0.5)
 FB_GAMMA = 0.98  # horizon ~50 steps: the scripted experts reach the goal in 30-90 steps (FB's own papers
                  # use 0.98 for goal reaching)
 
@@ -1572,8 +1590,20 @@ class ForwardMap(nn.Module):
     def __init__(self, obs_dim: int, act_dim: int, d: int = FB_DIM, hidden: int = FB_HIDDEN):
         super().__init__()
         self.heads = nn.ModuleList([mlp(obs_dim + act_dim + d, d, hidden) for _ in range(2)])
+        # F reads the state standardised by its data's mean and std (set_obs_stats), clipped to +-OBS_CLIP as
+        # SAC's input is: Meta-World's state mixes metres (positions ~0.1-1) with quaternions and zero padding,
+        # and a state the data never reached, scaled by a small std, would be an extreme input from which F
+        # extrapolates without bound. Identity until set.
+        self.register_buffer("obs_mean", torch.zeros(obs_dim))
+        self.register_buffer("obs_std", torch.ones(obs_dim))
+
+    def set_obs_stats(self, obs: torch.Tensor) -> None:
+        """Standardise by the mean and std of obs (N, obs_dim); a dimension that never moves keeps scale 1."""
+        std = obs.std(0)
+        self.obs_mean.copy_(obs.mean(0)); self.obs_std.copy_(torch.where(std > 1e-6, std, torch.ones_like(std)))
 
     def forward(self, obs, actions, z):
+        obs = ((obs - self.obs_mean) / self.obs_std).clamp(-OBS_CLIP, OBS_CLIP)  # (n, obs_dim), as SAC's (sec. 8)
         x = torch.cat([obs, actions, z], dim=-1)  # (n, obs_dim + act_dim + d)
         return torch.stack([head(x) for head in self.heads])  # (2, n, d)
 
@@ -1622,8 +1652,15 @@ class FB(nn.Module):
         self.gen = torch.Generator().manual_seed(seed)
 
     def update(self, batch: dict) -> dict:
-        z = sample_z(len(batch["obs"]), self.d, self.gen)  # (n, d), one z per transition
+        n = len(batch["obs"])
+        z = sample_z(n, self.d, self.gen)  # (n, d), one z per transition
+        # Half the z's are B of goals in the batch (B(psi(o'_j)) for a shuffled j, as both FB references do),
+        # the rest uniform on the sphere: the reward's z* = B(psi(I*)) is such a z, and F is then trained where
+        # it will be read, not only on random directions B never outputs.
+        from_b = torch.rand(n, generator=self.gen) < FB_Z_FROM_B  # (n,)
         with torch.no_grad():
+            goals = batch["next_features"][torch.randperm(n, generator=self.gen)]  # (n, D)
+            z = torch.where(from_b[:, None], self.B(goals), z)  # (n, d): B's output lies on the same sphere
             B_target = self.B_target(batch["next_features"])  # (n, d)
             F_next = self.F_target(batch["next_obs"], batch["next_actions"], z)  # (2, n, d)
             M_target = (F_next @ B_target.T).min(0).values  # (n, n)
@@ -1638,6 +1675,10 @@ class FB(nn.Module):
                 for p, tp in zip(net.parameters(), target.parameters()):
                     tp.lerp_(p, self.tau)
         return metrics
+
+    def set_obs_stats(self, obs: torch.Tensor) -> None:
+        """F's (and its target's) input scale from FB's training states (N, obs_dim), once, before training."""
+        self.F.set_obs_stats(obs); self.F_target.set_obs_stats(obs)
 
     @torch.no_grad()
     def goal_z(self, goal_features: torch.Tensor) -> torch.Tensor:
@@ -1659,6 +1700,11 @@ class FB(nn.Module):
 def shaping(phi: torch.Tensor, gamma: float) -> torch.Tensor:
     """Potential-based shaping gamma Phi(o_{t+1}) - Phi(o_t) along the last axis: (..., T+1) -> (..., T)."""
     return gamma * phi[..., 1:] - phi[..., :-1]
+
+
+def fb_potential_reward(phi: torch.Tensor, args: Args) -> torch.Tensor:
+    """r_fb from the potential of frames o_0..o_T, (..., T+1) -> (..., T): shaping or kernel (section 6)."""
+    return shaping(phi, args.gamma) if args.fb_reward == "shaping" else phi[..., 1:]
 
 
 @torch.no_grad()
@@ -1695,7 +1741,8 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
     from tqdm import tqdm
     data = None
     path = cache_path(args, "fb", ".pt", task=args.task, steps=args.fb_steps, batch=args.fb_batch, seed=args.seed,
-                      dim=FB_DIM, hidden=FB_HIDDEN, gamma=FB_GAMMA, render_every=args.render_every, **key)
+                      dim=FB_DIM, hidden=FB_HIDDEN, gamma=FB_GAMMA, z_from_b=FB_Z_FROM_B, obs_scaled=OBS_CLIP,
+                      render_every=args.render_every, **key)
     if not path.exists():  # the steps whose frames were rendered, as the RL loop's replay keeps them
         data = fb_transitions(episodes, clip, args.render_every)
     dims = (episodes[0]["states"].shape[-1], episodes[0]["actions"].shape[-1],
@@ -1704,6 +1751,7 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
     if path.exists():
         fb.load_state_dict(load_checkpoint(path))
         return fb
+    fb.set_obs_stats(data["obs"])
     gen = torch.Generator().manual_seed(args.seed)
     bar = tqdm(range(args.fb_steps), desc=f"train FB {args.task}", disable=not progress)
     for step in bar:
@@ -1713,6 +1761,33 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
             bar.set_postfix(fb=f"{metrics['losses/fb']:.2f}", ortho=f"{metrics['losses/ortho']:.2f}")
     atomic_write(path, lambda tmp: torch.save(fb.state_dict(), tmp))
     return fb
+
+
+# FB's schedule. The paper's code trains FB online on the agent's replay and pays r_fb only once FB is
+# frozen (at 100k of 1M steps). vdr's default trains FB before RL on reward-free data of the task, and
+# freezes it before SAC's first step: the expert demos the video model is finetuned on (states and actions,
+# no rewards), and exploratory episodes of random actions and of the expert with N(0, 1) action noise
+# (eval-reward's data, section 12, so eval-reward judges the very FB that RL pays from). What it buys: every
+# stored reward comes from one FB, so the replay never mixes rewards from thousands of FB versions; F^T z*
+# and B are trained on data that reaches the goal; and RL pays no FB updates (assets/RESULTS.md, section 7).
+# --fb-online restores the paper's schedule (r_fb is 0 until --fb-freeze, then paid from the frozen FB).
+def offline_fb(args: Args, model, demos: list[dict] | None = None, explore: list[dict] | None = None,
+               noisy: list[dict] | None = None, progress: bool = True) -> FB:
+    """The offline FB of a task and seed (cached): E4 for args.fb_steps on the expert demos and the random and
+    noisy exploratory episodes from training initial states 0..explore_episodes-1, collected here unless
+    given (each is cached by collect_demos too)."""
+    demos = demos or split_episodes(collect_demos(args, progress=progress))
+    explore = explore or split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0,
+                                                      behaviour="random", progress=progress))
+    noisy = noisy or split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0,
+                                                  behaviour="noisy", progress=progress))
+    return train_fb(args, model.clip, demos + explore + noisy, key=offline_fb_key(args, model), progress=progress)
+
+
+def offline_fb_key(args: Args, model) -> dict:
+    """What the offline FB's data is made of, for train_fb's cache key."""
+    return {"clip": model.name, "demos": args.episodes, "explore": args.explore_episodes, "noise": NOISE_STD,
+            "actions": ACTION_STREAM, **data_key(args)}
 
 
 # =====================================================================================================
@@ -1789,9 +1864,9 @@ class GenerativeReward:
 
     def r_fb(self, episode: dict, goal: Goal) -> np.ndarray:
         """E5 for every step of an episode, (T,): F's value at (s_t, a_t), or with --fb-reward shaping
-        gamma Phi(o_{t+1}) - Phi(o_t) (section 6)."""
-        if self.args.fb_reward == "shaping":
-            return shaping(self.fb.potential(self.features(episode), goal.features), self.args.gamma).numpy()
+        gamma Phi(o_{t+1}) - Phi(o_t), or with kernel Phi(o_{t+1}) (section 6)."""
+        if self.args.fb_reward in ("shaping", "kernel"):
+            return fb_potential_reward(self.fb.potential(self.features(episode), goal.features), self.args).numpy()
         return self.fb.reward(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
                               goal.features).numpy()  # r_fb(s_t, a_t), t = 0..T-1
 
@@ -1810,9 +1885,9 @@ class GenerativeReward:
         times = scored_steps(T, self.args.reward_every)
         r_video = np.stack([hold(times, latent_similarity(z, latents, self.reference), T)
                             for z in self.explore_latents])  # (N, T)
-        if self.args.fb_reward == "shaping":
+        if self.args.fb_reward in ("shaping", "kernel"):
             phi = self.fb.potential(self.explore_features.flatten(0, 1), features).reshape(N, T + 1)  # (N, T+1)
-            r_fb = shaping(phi, self.args.gamma).numpy()  # (N, T)
+            r_fb = fb_potential_reward(phi, self.args).numpy()  # (N, T)
         else:
             r_fb = self.fb.reward(self.explore_obs.flatten(0, 1), self.explore_actions.flatten(0, 1),
                                   features).numpy().reshape(N, T)  # (N*T,) -> (N, T)
@@ -1834,11 +1909,12 @@ class GenerativeReward:
         T = len(terms["r_video"])
         return {k: (terms[k] - goal.stats[k][0][:T]) / goal.stats[k][1] for k in ("r_video", "r_fb")}
 
-    def combine(self, terms: dict[str, np.ndarray], goal: Goal) -> np.ndarray:
-        """E6 on the standardised terms: (T,) float32."""
+    def combine(self, terms: dict[str, np.ndarray], goal: Goal, fb_paid: bool = True) -> np.ndarray:
+        """E6 on the standardised terms: (T,) float32. fb_paid=False: r_video's term alone (--fb-online, before
+        FB is frozen)."""
         z = self.standardise(terms, goal)
         alpha, beta = e6_weights(self.args)
-        return (alpha * z["r_video"] + beta * z["r_fb"]).astype(np.float32)
+        return (alpha * z["r_video"] + (beta * z["r_fb"] if fb_paid else 0)).astype(np.float32)
 
     def reward(self, episode: dict, goal: Goal) -> np.ndarray:
         return self.combine(self.terms(episode, goal), goal)
@@ -2085,7 +2161,7 @@ class SAC:
 # the replay buffer. That costs nothing for the env's own rewards and is the cheap way to use a
 # video-level reward, which needs the episode's frames, in one batched encoder call.
 # The generative modes, per episode: a goal video generated from the episode's first frame, E2 on the
-# episode's frames, and E5 from an FB trained online.
+# episode's frames, and E5 from the task's offline FB, trained before RL and frozen (section 6).
 # The goal pool. Training episodes start from a fixed pool of --goal-pool initial states per task and seed
 # (50, as Meta-World's MT1 benchmark has; every reward mode draws from the same pool), so each state's goal
 # video is generated once, cached on disk by the video model and the first frame, and reused, with its E3
@@ -2094,25 +2170,22 @@ class SAC:
 # across initial states, as MT1's test states do. What it saves: a goal video per episode (the paper's own
 # cost wall: ~64 s per video at full size) becomes 50 per run, and none on a rerun. --goal-pool 0 restores
 # a fresh state, and a goal video of its own, every episode.
-# The first learning_starts steps (random actions) are held
-# back: they are the exploratory episodes that set E2's reference and E6's scales, and FB's first data;
-# when they are in, FB trains fb_warmup steps, the held-back episodes are scored, and SAC starts. FB then
-# trains on its own replay (psi features of the frames are stored, not the frames) every fb_every env
-# steps until fb_freeze, and is frozen after.
-# FB's data. F^T z* estimates how much the policy that collected FB's data visits the goal frame after
-# (s, a) (E4), which only data that reaches the goal can teach. In `gen`, the agent's replay holds no goal
-# until the agent gets there, and F ranks states by what it has seen: on button-press-topdown-v3 the agent
-# raised the arm and held it still, and F rated that pose above the expert's whole path (assets/RESULTS.md,
-# section 8).
-# --fb-demos adds the task's expert demos (the finetuning episodes, with their states and actions) to FB's
-# replay, as eval-reward's FB has them (section 12). Off by default, as in the paper: measured on one seed,
-# it moved the exploit on button-press (the gripper held beside the button) and made reach-v3 worse
-# (assets/RESULTS.md, section 8.7).
+# The first learning_starts steps (random actions) are held back: they are the exploratory episodes that
+# set E2's reference and E6's scales; when they are in, they are scored and SAC starts.
+# --fb-online, the paper's schedule: FB starts untrained, trains fb_warmup steps on the held-back episodes,
+# then on its own replay (psi features of the frames are stored, not the frames) every fb_every env steps
+# until fb_freeze, and is frozen after; r_fb is paid from fb_freeze on (0 before), so every stored r_fb
+# comes from the frozen FB. Its data is the agent's: F^T z* estimates how much the policy that collected
+# FB's data visits the goal frame after (s, a) (E4), which only data that reaches the goal can teach, and
+# the agent's replay holds no goal until the agent gets there. With r_fb paid from an FB still training,
+# SAC on button-press-topdown-v3 raised the arm and held it still, a pose F rated above the expert's whole
+# path (assets/RESULTS.md, section 8). --fb-demos adds the task's expert demos to that replay.
 # What the reward costs is timed in parts (EpisodeRewards.seconds; metrics.json's reward_seconds_by_part):
-# rendering the frames, generating goal videos, scoring (E2 encodes, E3, E5, E6, or CLIP-text), psi
-# features of the frames for FB's replay, and FB's updates. What it pays is logged in parts too: each
-# episode's standardised r_video and r_fb returns (log.jsonl), whose means between evaluations are the third
-# panel of learning_curve.png, so a run shows which term the agent earns while its success rises or falls.
+# rendering the frames, generating goal videos, scoring (E2 encodes, E3, E5, E6, or CLIP-text), and with
+# --fb-online psi features of the frames for FB's replay and FB's updates. What it pays is logged in parts
+# too: each episode's standardised r_video and r_fb returns (log.jsonl), whose means between evaluations are
+# the third panel of learning_curve.png, so a run shows which term the agent earns while its success rises
+# or falls.
 GEN_MODES = ("gen", "gen+dense")
 REWARD_COST_PARTS = ("render", "goal_video", "scoring", "fb_features", "fb_updates")
 
@@ -2125,7 +2198,7 @@ class EpisodeRewards:
     An episode is a dict of arrays: states (T+1, obs_dim), actions (T, act_dim), env_rewards (T,), success
     (T,), and frames (T+1, H, W, 3) in the modes that need them (`needs_frames`)."""
 
-    def __init__(self, args: Args, obs_dim: int, act_dim: int):
+    def __init__(self, args: Args, obs_dim: int, act_dim: int, progress: bool = True):
         self.args, self.pending, self.reward, self.episodes = args, [], None, 0
         self.goals = {}  # the pool's goals by their first frame's hash: E3 and E(V_goal) made once
         self.seconds = dict.fromkeys(REWARD_COST_PARTS, 0.0)  # wall time of each part of the reward
@@ -2133,11 +2206,14 @@ class EpisodeRewards:
         if self.needs_frames:
             self.model = load_video_model(args)  # cached; the toy model trains on first use (~11 min)
         if args.reward in GEN_MODES:
-            psi_dim = frame_features(self.model.clip, np.zeros((1, 8, 8, 3), np.uint8)).shape[-1]
-            self.fb = FB(obs_dim, act_dim, psi_dim, seed=args.seed)
-            self.fb_data, self.fb_parts = None, []  # FB's replay: fb_transitions() dicts, joined when sampled
+            self.fb_data, self.fb_parts = None, []  # --fb-online's replay: fb_transitions() dicts, joined when sampled
             self.fb_gen = torch.Generator().manual_seed(args.seed)
-            if args.fb_demos:  # the video model's finetuning demos (cached), with their states and actions
+            if not args.fb_online:  # trained before RL on the task's reward-free data, and frozen (section 6)
+                self.fb = offline_fb(args, self.model, progress=progress)
+            else:
+                psi_dim = frame_features(self.model.clip, np.zeros((1, 8, 8, 3), np.uint8)).shape[-1]
+                self.fb = FB(obs_dim, act_dim, psi_dim, seed=args.seed)
+            if args.fb_online and args.fb_demos:  # the finetuning demos (cached), with their states and actions
                 self.fb_parts.append(fb_transitions(split_episodes(collect_demos(args, progress=False)),
                                                     self.model.clip))
 
@@ -2162,26 +2238,28 @@ class EpisodeRewards:
                     r = clip_text_reward(self.model.clip, self.model.tokenizer, episode["frames"],
                                          clip_text_prompts(self.args))
             return [(episode, r, {"charts/reward_return": float(r.sum())})]
-        if step < self.args.fb_freeze:  # FB's data: psi of the frames, computed once
+        if self.args.fb_online and step < self.args.fb_freeze:  # FB's data: psi of the frames, computed once
             with self.timed("fb_features"):
                 self.fb_parts.append(fb_transitions([episode], self.model.clip, self.args.render_every))
         if self.reward is None:  # still exploring: hold the episode back
             self.pending.append(episode)
             if step + 1 < self.args.learning_starts:
                 return []
-            self.update_fb(self.args.fb_warmup)
+            if self.args.fb_online:
+                self.update_fb(self.args.fb_warmup)
             with self.timed("scoring"):  # E2's encodes of the exploratory episodes
                 self.reward = GenerativeReward(self.args, self.model.vae, self.model.clip, self.model.tokenizer,
                                                self.fb, self.pending)
             ready, self.pending = self.pending, []
         else:
             ready = [episode]
-        return [self.score(ep) for ep in ready]
+        return [self.score(ep, step) for ep in ready]
 
-    def score(self, episode: dict) -> tuple[dict, np.ndarray, dict]:
+    def score(self, episode: dict, step: int) -> tuple[dict, np.ndarray, dict]:
         """E6 (+ the env's reward in gen+dense) against a goal video generated from the episode's first frame,
-        and the returns to log: SAC's, and each term's standardised return."""
+        and the returns to log: SAC's, and each term's standardised return (r_fb's is 0 while it is unpaid)."""
         self.episodes += 1
+        fb_paid = not self.args.fb_online or step >= self.args.fb_freeze  # only a frozen FB pays
         if self.args.goal_pool:  # a pool state: its goal video is made once (cached on disk), then reused
             key = frame_hash(episode["frames"][0])
             with self.timed("goal_video"):
@@ -2197,10 +2275,11 @@ class EpisodeRewards:
                 goal = self.reward.goal(video)
         with self.timed("scoring"):
             terms = self.reward.terms(episode, goal)
-            r = self.reward.combine(terms, goal)
+            r = self.reward.combine(terms, goal, fb_paid)
         if self.args.reward == "gen+dense":
             r = r + episode["env_rewards"]
         z = self.reward.standardise(terms, goal)  # what each term pays this episode, before E6's weights
+        z["r_fb"] = z["r_fb"] if fb_paid else 0 * z["r_fb"]
         return episode, r, {"charts/reward_return": float(r.sum()), "charts/r_video_std_return":
                             float(z["r_video"].sum()), "charts/r_fb_std_return": float(z["r_fb"].sum())}
 
@@ -2229,10 +2308,13 @@ class EpisodeRewards:
     def update_fb(self, updates: int) -> dict:
         """`updates` steps of E4 on FB's replay (uniform batches of args.fb_batch transitions)."""
         with self.timed("fb_updates"):
+            first = self.fb_data is None
             if self.fb_parts:  # join the episodes added since the last update
                 self.fb_data = {k: torch.cat(([self.fb_data[k]] if self.fb_data else []) + [p[k] for p in self.fb_parts])
                                 for k in self.fb_parts[0]}
                 self.fb_parts = []
+            if first:  # F's input scale, from the data of FB's first update
+                self.fb.set_obs_stats(self.fb_data["obs"])
             metrics = {}
             for _ in range(updates):
                 idx = torch.randint(len(self.fb_data["obs"]), (self.args.fb_batch,), generator=self.fb_gen)
@@ -2289,7 +2371,7 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         agent = SAC(obs_dim, act_dim, args)
         rb = ReplayBuffer(obs_dim, act_dim, min(args.buffer_size, args.steps), rng)
-        rewards = EpisodeRewards(args, obs_dim, act_dim)
+        rewards = EpisodeRewards(args, obs_dim, act_dim, progress)
         curve, episode, eval_time, first_step, save_due = [], None, 0.0, 0, False
         window = []  # what each episode finished since the last evaluation logged: its rewards' returns, success
         if resume is not None:  # every piece of state the loop carries, as it was at the checkpoint
@@ -2339,8 +2421,9 @@ def train(args: Args, out: Path | None = None, progress: bool = True) -> dict:
                 if args.obs_norm and agent.obs_stats is None:  # before the first update: the random-action steps
                     agent.set_obs_stats(rb.obs[:len(rb)])
                 losses = agent.update(rb.sample(args.batch_size), global_step)
-                if rewards.reward is not None and global_step < args.fb_freeze and global_step % args.fb_every == 0:
-                    losses |= rewards.update_fb(1)  # FB learns online until it is frozen
+                if (args.fb_online and rewards.reward is not None and global_step < args.fb_freeze
+                        and global_step % args.fb_every == 0):
+                    losses |= rewards.update_fb(1)  # --fb-online: FB learns online until it is frozen
                 if global_step % 100 == 0:  # log every 100 steps, as CleanRL does
                     sps = (global_step + 1) / (time.time() - start - eval_time)
                     logger.log(global_step, losses | {"charts/SPS": sps})
@@ -2715,6 +2798,16 @@ PROBE_POPULATION = 24  # plans per CEM iteration
 PROBE_ELITES = 6  # the best quarter, whose per-number mean and std draw the next iteration's plans
 PROBE_ITERATIONS = 4
 PROBE_STD = 0.6  # the first iteration's std (actions lie in [-1, 1]); later ones get +0.05, so CEM keeps looking
+PROBE_REWARDS = ("combined", "r_video", "r_fb", "dense")  # what --probe-rewards may name
+
+
+def check_probe_rewards(args: Args) -> None:
+    unknown = set(args.probe_rewards.split(",")) - set(PROBE_REWARDS)
+    if unknown:
+        raise VdrError(f"unknown --probe-rewards {', '.join(sorted(unknown))}; choose from: {', '.join(PROBE_REWARDS)}")
+
+
+ARG_CHECKS.append(check_probe_rewards)  # a bad --probe-rewards stops in check_args, before any work
 PROBE_STREAM = 3  # the plans are drawn from default_rng([seed, PROBE_STREAM]), a stream of their own
 
 
@@ -2770,13 +2863,14 @@ def exploit_probe(args: Args, g: GenerativeReward, goals: list[Goal], held_out: 
     scores = {  # the reward under test of one episode from state i, and whether it needs frames
         "combined": (lambda ep, i: g.reward(ep, goals[i]).sum(), True),
         "r_video": (lambda ep, i: g.terms(ep, goals[i])["r_video"].sum(), True),
-        "r_fb": (lambda ep, i: g.r_fb(ep, goals[i]).sum(), args.fb_reward == "shaping"),
+        "r_fb": (lambda ep, i: g.r_fb(ep, goals[i]).sum(), args.fb_reward != "value"),
         "dense": (lambda ep, i: ep["env_rewards"].sum(), False)}
     n, out = min(args.probe_states, args.eval_videos), {}
     if n == 0:
         return out
     with make_env(args) as env:
-        for name, (score, frames) in scores.items():
+        for name in args.probe_rewards.split(","):
+            score, frames = scores[name]
             gen = np.random.default_rng([args.seed, PROBE_STREAM])
             found = [exploit_episode(env, HELDOUT_SEED0 + i, lambda ep: score(ep, i), gen, frames, args.render_every)
                      for i in tqdm(range(n), desc=f"probe [{name}]", disable=not progress)]
@@ -2814,13 +2908,6 @@ def run_fb(args: Args, fb: FB) -> dict:
     return saved["reward"]
 
 
-def offline_fb_key(args: Args, model) -> dict:
-    """What offline FB's data is made of, for train_fb's cache key: the expert demos, and the exploratory
-    random and noisy episodes (from training initial states 0..explore_episodes-1)."""
-    return {"clip": model.name, "demos": args.episodes, "explore": args.explore_episodes, "noise": NOISE_STD,
-            "actions": ACTION_STREAM, **data_key(args)}
-
-
 def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> dict:
     """CLI `eval-reward`: every reward (r_video, r_fb, E6's combination, and baselines) on held-out episodes
     of every behaviour, against generated and oracle goal videos. Writes metrics.json
@@ -2837,7 +2924,7 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
                                            progress=progress))
     noisy = split_episodes(collect_demos(args, episodes=args.explore_episodes, seed0=0, behaviour="noisy",
                                          progress=progress))
-    fb = train_fb(args, model.clip, demos + explore + noisy, key=offline_fb_key(args, model), progress=progress)
+    fb = offline_fb(args, model, demos, explore, noisy, progress)  # the FB the RL loop pays r_fb from (section 6)
     run_reward = run_fb(args, fb) if args.fb_from else None  # or the FB that a `train` run trained, and its E6 data
     held_out, behaviours = [], []
     for b in BEHAVIOURS:
@@ -2979,16 +3066,15 @@ def plot_goal_frames(goals: list[Goal], path: Path) -> Path:
 # (0.00-0.30 success at this budget). It starts from the shipped pretrained toy model (section 3d) and
 # finetunes it on the task at 400 steps instead of 1000 (its own cache key; eval-video and eval-reward use
 # the full finetune). SAC gets 12k steps: 3k of random actions (20 episodes, as many as eval-reward explores
-# with, to set E6's scales) and 9k of learning; FB updates every 8th step instead of every 4th, since one FB
-# update (batch 256, hidden 512, twin heads) costs a few SAC updates. Any flag on the command line
-# overrides these.
-RUN_BUDGET = dict(task="drawer-close-v3", reward="gen", steps=12_000, learning_starts=3_000, fb_every=8,
-                  finetune_steps=400, sample_steps=20)
+# with, to set E6's scales) and 9k of learning; FB trains before them, offline (section 6). Any flag on the
+# command line overrides these.
+RUN_BUDGET = dict(task="drawer-close-v3", reward="gen", steps=12_000, learning_starts=3_000, finetune_steps=400,
+                  sample_steps=20)
 
 
 def run(args: Args, out: Path | None = None) -> dict:
     """The main job (`python vdr.py`): the whole pipeline on one task, each stage cached: expert demos, the
-    video model (pretrain, finetune), SAC trained on the chosen reward (gen: E6, with FB online), and a
+    video model (pretrain, finetune), SAC trained on the chosen reward (gen: E6, with the offline FB), and a
     report folder (learning curve, goal video and goal frame, rewards over time, the agent's rollout)."""
     t0 = time.time()
     out = Path(out or default_out(args, "run"))
