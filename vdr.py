@@ -30,7 +30,7 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 126-2611)                                                              line lines
+Part I, the method (lines 126-2612)                                                              line lines
    1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   193
    2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      325   288
    3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    613   766
@@ -39,15 +39,15 @@ Part I, the method (lines 126-2611)                                             
    6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1525   268
    7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1793   144
    8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1937   213
-   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2150   356
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2506   106
-Part II, experiments and extensions (lines 2613-3752)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2619   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2719   335
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3054   137
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3191   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3360   315
-  16. Command line     one command per stage; every Args field is a flag                           3675    78
+   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2150   357
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2507   106
+Part II, experiments and extensions (lines 2614-3753)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2620   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2720   335
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3055   137
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3192   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3361   315
+  16. Command line     one command per stage; every Args field is a flag                           3676    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -2213,9 +2213,9 @@ class EpisodeRewards:
             else:
                 psi_dim = frame_features(self.model.clip, np.zeros((1, 8, 8, 3), np.uint8)).shape[-1]
                 self.fb = FB(obs_dim, act_dim, psi_dim, seed=args.seed)
-            if args.fb_online and args.fb_demos:  # the finetuning demos (cached), with their states and actions
-                self.fb_parts.append(fb_transitions(split_episodes(collect_demos(args, progress=False)),
-                                                    self.model.clip))
+                if args.fb_demos:  # the finetuning demos (cached), with their states and actions
+                    self.fb_parts.append(fb_transitions(split_episodes(collect_demos(args, progress=False)),
+                                                        self.model.clip))
 
     @contextlib.contextmanager
     def timed(self, part: str):
@@ -2279,7 +2279,8 @@ class EpisodeRewards:
         if self.args.reward == "gen+dense":
             r = r + episode["env_rewards"]
         z = self.reward.standardise(terms, goal)  # what each term pays this episode, before E6's weights
-        z["r_fb"] = z["r_fb"] if fb_paid else 0 * z["r_fb"]
+        if not fb_paid:
+            z["r_fb"] = np.zeros_like(z["r_fb"])
         return episode, r, {"charts/reward_return": float(r.sum()), "charts/r_video_std_return":
                             float(z["r_video"].sum()), "charts/r_fb_std_return": float(z["r_fb"].sum())}
 
