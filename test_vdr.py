@@ -45,7 +45,8 @@ def test_every_args_field_is_a_cli_flag_with_help():
     (["train", "--task", "reach-v9"], "unknown task 'reach-v9'; Meta-World v3 tasks are: "),
     (["collect", "--distraction", "glare"], "unknown distraction 'glare'; use 'none', 'all' or"),
     (["collect", "--difficulty", "insane"], "unknown --difficulty 'insane'; choose one of: easy, medium, hard"),
-    (["train", "--reward", "shaped"], "unknown reward mode 'shaped'; choose one of: gen, gen+dense, dense, sparse, clip-text"),
+    (["train", "--reward", "shaped"], "unknown reward mode 'shaped'; choose dense, sparse, or one of gen, clip-text, viper, diffusion-reward, "
+     "tadpole, roboclip, alone or as <mode>+dense"),
     (["train", "--preset", "huge"], "unknown preset 'huge'; choose one of: tiny, paper"),
     (["collect", "--episodes", "0"], "--episodes must be positive"),
     (["collect", "--episode-length", "600"], "over Meta-World's limit of 500"),
@@ -676,6 +677,47 @@ def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centr
         assert np.abs(z.mean(0)).max() < 1e-4 and z.std() == pytest.approx(1.0, abs=1e-3)
 
 
+def test_fb_cap_holds_r_fb_at_fs_highest_value_on_its_own_data(tmp_path):
+    from diffusers import AutoencoderKLCogVideoX
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    fb = vdr.FB(obs_dim=39, act_dim=4, feature_dim=64, d=8, hidden=16)
+    explore = [fake_episode(rng) for _ in range(2)]
+    fb.cap_data = vdr.cap_sample(explore[:1], seed=0)  # as train_fb attaches it: (state, action) pairs of its data
+    assert fb.cap_data["obs"].shape == (vdr.FB_CAP_SAMPLES, 39) and fb.cap_data["actions"].shape == (vdr.FB_CAP_SAMPLES, 4)
+    fb.cap_data = {k: v[:3] for k, v in fb.cap_data.items()}  # three pairs: a low ceiling, so that it binds
+    vae, (clip, tokenizer) = AutoencoderKLCogVideoX(**TINY_VAE).eval(), vdr.load_clip(tiny_args(tmp_path))
+    episode = fake_episode(rng)
+    raw = {}
+    for cap in (False, True):
+        args = tiny_args(tmp_path, video_frames=9, reward_every=5, render_every=1, fb_cap=cap)
+        reward = vdr.GenerativeReward(args, vae, clip, tokenizer, fb, explore)
+        goal = reward.goal(vdr.resample(episode["frames"], 9))
+        raw[cap] = reward.r_fb(episode, goal)
+    ceiling = fb.reward(fb.cap_data["obs"], fb.cap_data["actions"], goal.features).max().item()
+    assert goal.stats["r_fb_cap"] == pytest.approx(ceiling)
+    assert (raw[False] > ceiling).any() and np.allclose(raw[True], np.minimum(raw[False], ceiling))
+    restored = vdr.GenerativeReward(args, vae, clip, tokenizer, fb, state=reward.state_dict())  # kept in reward.pt
+    assert restored.goal(goal.video, known=goal).stats["r_fb_cap"] == pytest.approx(ceiling)
+
+
+def test_fb_conservative_penalty_lowers_q_at_actions_the_data_never_took():
+    gen = torch.Generator().manual_seed(0)
+    obs, features = torch.randn(64, 5, generator=gen), torch.randn(64, 3, generator=gen)
+    batch = {"obs": obs, "actions": torch.zeros(64, 2), "next_obs": obs.roll(1, 0), "next_actions": torch.zeros(64, 2),
+             "next_features": features}  # the data only ever takes the action 0
+    gap = {}
+    for weight in (0.0, 1.0):
+        fb = vdr.FB(obs_dim=5, act_dim=2, feature_dim=3, d=8, hidden=32, seed=0, conservative=weight)
+        for _ in range(150):
+            metrics = fb.update(batch)
+        assert ("losses/conservative" in metrics) == (weight > 0)
+        z = vdr.sample_z(64, 8, torch.Generator().manual_seed(1))
+        with torch.no_grad():  # the soft maximum of Q_z over uniform actions, less Q_z at the data's action
+            gap[weight] = fb.conservative_penalty(obs, fb.F(obs, torch.zeros(64, 2), z), z).item()
+    assert gap[1.0] < gap[0.0] - 1e-3  # the penalty pushes Q down off the data's action, relative to on it
+
+
 def test_shaping_telescopes_and_reads_the_frames_through_b():
     phi = torch.randn(3, 11)  # (episodes, T+1)
     assert torch.allclose(vdr.shaping(phi, 1.0).sum(-1), phi[:, -1] - phi[:, 0], atol=1e-5)
@@ -919,6 +961,76 @@ def test_reward_modes_that_see_frames_train_past_learning_starts(tmp_path, tiny_
     assert set(parts) == set(vdr.REWARD_COST_PARTS) and parts["render"] > 0 and parts["scoring"] > 0
     assert metrics["reward_seconds"] == pytest.approx(sum(parts.values()))
     assert (parts["goal_video"] > 0) == (mode != "clip-text") and (parts["fb_updates"] > 0) == (mode == "gen+dense")
+
+
+@pytest.mark.parametrize("mode", ["viper+dense", "roboclip", "clip-text+dense"])
+def test_one_term_modes_hold_exploring_back_then_pay_the_standardised_term(tmp_path, tiny_video_models, video_cache,
+                                                                         mode):
+    args = video_args(tmp_path, cache_dir=video_cache, reward=mode)
+    metrics = vdr.train(args, progress=False)
+    returns = [r for r in read_log(tmp_path / "out" / "log.jsonl") if "charts/reward_return" in r]
+    assert len(returns) == 240 // 40 and returns[0]["step"] >= args.learning_starts - 1  # held back, then scored
+    env_returns = [r["charts/episodic_return"] for r in read_log(tmp_path / "out" / "log.jsonl")
+                   if "charts/episodic_return" in r]
+    for r, env in zip(returns, env_returns):  # dense + hybrid_weight * the term, or the term alone
+        expected = env + args.hybrid_weight * r["charts/term_std_return"] if mode.endswith("+dense") else \
+            r["charts/term_std_return"]
+        assert r["charts/reward_return"] == pytest.approx(expected, rel=1e-4, abs=1e-3)
+    explored = [r for r in returns if r["step"] == returns[0]["step"]]  # scored together: they set the scale
+    explored = np.array([r["charts/term_std_return"] for r in explored])
+    assert abs(explored.mean()) < 1e-3 * np.abs(explored).max()  # exploring averages 0 (to float32's precision)
+    assert metrics["reward_seconds_by_part"]["scoring"] > 0 and metrics["reward_seconds_by_part"]["goal_video"] == 0
+
+
+def test_term_reward_standardises_on_the_steps_where_the_term_varies():
+    rng = np.random.default_rng(0)
+    sparse = [{"r": np.r_[np.zeros(9), rng.normal(3, 2)]} for _ in range(50)]  # paid at the last step only
+    term = vdr.TermReward(lambda ep: ep["r"], sparse)
+    z = np.stack([term(ep) for ep in sparse])  # (50, 10)
+    assert np.allclose(z[:, :-1], 0) and abs(z[:, -1].mean()) < 1e-6 and z[:, -1].std() == pytest.approx(1, rel=1e-3)
+    assert vdr.TermReward(term.raw, state=term.state_dict())(sparse[0]) == pytest.approx(z[0])  # resumes
+
+
+@pytest.fixture(scope="module")
+def shipped_model_and_episodes(tmp_path_factory):
+    """The shipped pretrained toy model (every default setting) and an expert episode of reach-v3."""
+    args = vdr.make_args(cache_dir=str(tmp_path_factory.mktemp("peer-cache")))
+    model = vdr.load_toy_model(args, vdr.SHIPPED_TOY)
+    expert = vdr.split_episodes(vdr.collect_demos(args, episodes=1, seed0=vdr.HELDOUT_SEED0, progress=False))[0]
+    return args, model, expert
+
+
+def test_peer_rewards_rank_an_expert_video_above_random_pixels(shipped_model_and_episodes):
+    """The planted case: each peer (section 7c) scores an expert's video of the task above a video of random
+    pixels, with one finite reward per step; roboclip pays at the last step only."""
+    args, model, expert = shipped_model_and_episodes
+    noise = dict(expert, frames=np.random.default_rng(0).integers(0, 256, expert["frames"].shape, dtype=np.uint8))
+    for mode in vdr.PEER_MODES:
+        reward = vdr.PeerReward(args, model, mode)
+        r_expert, r_noise = reward.raw(expert), reward.raw(noise)
+        assert r_expert.shape == r_noise.shape == (args.episode_length,) and np.isfinite(r_expert).all(), mode
+        assert r_expert.sum() > r_noise.sum(), mode
+        assert np.array_equal(reward.raw(expert), r_expert), mode  # fixed noise: the same episode, the same reward
+    roboclip = vdr.PeerReward(args, model, "roboclip", goal=vdr.resample(expert["frames"], args.video_frames))
+    r = roboclip.raw(expert)  # a demo video as the target (--goal-video): the demo itself is paid ~1
+    assert np.count_nonzero(r) == 1 and r[-1] > 0.95 and r[-1] > roboclip.raw(noise)[-1]
+
+
+def test_goal_video_loads_a_gif_and_a_folder_of_frames_and_rejects_the_rest(tmp_path):
+    from PIL import Image
+    frames = np.random.default_rng(0).integers(0, 256, (12, 32, 32, 3), dtype=np.uint8)
+    vdr.save_gif(frames, tmp_path / "goal.gif")
+    (tmp_path / "frames").mkdir()
+    for i, f in enumerate(frames):
+        Image.fromarray(f).save(tmp_path / "frames" / f"{i:03d}.png")
+    for given in (tmp_path / "goal.gif", tmp_path / "frames"):
+        video = vdr.load_goal_video(vdr.make_args(goal_video=str(given)))
+        assert video.shape == (vdr.make_args().video_frames, 64, 64, 3) and video.dtype == np.uint8
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.gif").write_bytes(b"not a gif")
+    for bad, message in (("empty", "no .png"), ("bad.gif", "not a readable GIF"), ("goal.mp4", "ffmpeg")):
+        with pytest.raises(vdr.VdrError, match=message):
+            vdr.load_goal_video(vdr.make_args(goal_video=str(tmp_path / bad)))
 
 
 def test_the_goal_pool_makes_each_states_goal_video_once(tmp_path, tiny_video_models, video_cache, monkeypatch):
@@ -1223,7 +1335,7 @@ def test_readme_links_into_vdr_py_land_on_what_they_name():
     assert len(links) >= 10
     for text, n in links:
         line, name = lines[int(n) - 1], text.strip("`").replace("section ", "").split(".")[-1]
-        want = f" {name}. " if re.fullmatch(r"\d+b?", name) else f"{'def' if name[0].islower() else 'class'} {name}"
+        want = f" {name}. " if re.fullmatch(r"\d+[a-z]?", name) else f"{'def' if name[0].islower() else 'class'} {name}"
         assert want in line, f"README's [{text}] points to vdr.py line {n}: {line.strip()!r}"
 
 

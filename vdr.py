@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 126-2612)                                                              line lines
-   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       132   193
-   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      325   288
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    613   766
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1379   115
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1494    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1525   268
-   7. Total reward     E6: the standardised sum of both; the CLIP-text reward (VLM-RM)             1793   144
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      1937   213
-   9. Training loop    reward modes (gen, gen+dense, dense, sparse, clip-text), evaluation         2150   357
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2507   106
-Part II, experiments and extensions (lines 2614-3753)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2620   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      2720   335
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3055   137
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3192   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3361   315
-  16. Command line     one command per stage; every Args field is a flag                           3676    78
+Part I, the method (lines 132-2926)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   202
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      340   288
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    628   801
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1429   115
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1544    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1575   306
+   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1881   296
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2177   213
+   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2390   431
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2821   106
+Part II, experiments and extensions (lines 2928-4078)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2934   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3034   345
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3379   138
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3517   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3686   315
+  16. Command line     one command per stage; every Args field is a flag                           4001    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -56,6 +56,12 @@ Other references:
     [5] Touati & Ollivier. "Learning One Representation to Optimize All Rewards", NeurIPS 2021.
     [6] Stone et al. "The Distracting Control Suite", arXiv:2101.02722, 2021.
     [7] Tassa et al. "DeepMind Control Suite", arXiv:1801.00690, 2018.
+    [8] Escontrela et al. "Video Prediction Models as Rewards for Reinforcement Learning" (VIPER), NeurIPS 2023.
+    [9] Huang et al. "Diffusion Reward: Learning Rewards via Conditional Video Diffusion", ECCV 2024.
+   [10] Luo et al. "Text-Aware Diffusion for Policy Learning" (TADPoLe), NeurIPS 2024.
+   [11] Sontakke et al. "RoboCLIP: One Demonstration is Enough to Learn Robot Policies", NeurIPS 2023.
+   [12] Rocamonde et al. "Vision-Language Models are Zero-Shot Reward Models for RL" (VLM-RM), ICLR 2024.
+   [13] Jeen, Bewley & Cullen. "Zero-Shot Reinforcement Learning from Low Quality Data", NeurIPS 2024.
 
 Usage:
     python vdr.py                                   # the main job: the whole pipeline on drawer-close-v3
@@ -197,6 +203,9 @@ class Args:
     fb_steps: int = arg(3000, "training steps of the offline FB (section 6), which eval-reward judges and RL pays from")
     fb_batch: int = arg(256, "FB transitions per step (published: 1024; 256 keeps CPU steps ~4x cheaper)")
     explore_episodes: int = arg(20, "random and noisy-expert episodes in the offline FB's data (section 6)")
+    fb_cap: bool = arg(False, "cap r_fb at the highest value F gives its own training data for the goal (section 6)")
+    fb_conservative: float = arg(0.0, "weight of FB's value-conservative penalty on actions the data did not take "
+                                      "(Jeen et al. 2024; section 6); 0: off")
     video_weight: float = arg(1.0, "alpha of E6: weight of the standardised r_video (section 7)")
     fb_weight: float = arg(1.0, "beta of E6: weight of the standardised r_fb (section 7)")
     hybrid_weight: float = arg(0.1, "gen+dense: alpha and beta are scaled by this, keeping E6 below the env's reward")
@@ -222,6 +231,8 @@ class Args:
     fb_freeze: int = arg(25_000, "--fb-online: FB stops training, and r_fb starts paying, at this env step (the "
                                  "paper: 100k of 1M)")
     fb_demos: bool = arg(False, "--fb-online: the task's expert demos join FB's replay (section 9); off: the paper's")
+    goal_video: str = arg("", "a goal video of your own, a GIF or a folder of PNG/JPG frames, used instead of the "
+                              "generated ones by E2, E3, E5 and roboclip (the one-shot-demo setting)")
     goal_pool: int = arg(50, "training episodes start from a fixed pool of this many initial states per task and "
                              "seed (MT1's 50), whose goal videos are made once (section 9); 0: a fresh state each")
     resume: bool = arg(False, "train: continue from OUT/checkpoint.pt (saved after each evaluation) if there is one")
@@ -263,7 +274,11 @@ PRESETS = {
         fb_every=1,
     ),
 }
-REWARD_MODES = ("gen", "gen+dense", "dense", "sparse", "clip-text")  # section 9 says what each one is
+# Reward modes (section 9 says what each one is): the env's own two, and each learned reward alone
+# (reward-free) or added to the env's dense reward, "<term>+dense"
+TERM_MODES = ("gen", "clip-text", "viper", "diffusion-reward", "tadpole", "roboclip")
+REWARD_MODES = ("dense", "sparse", *TERM_MODES, *(m + "+dense" for m in TERM_MODES))
+REWARD_MODES_HELP = f"choose dense, sparse, or one of {', '.join(TERM_MODES)}, alone or as <mode>+dense"
 
 
 class VdrError(Exception):
@@ -279,7 +294,7 @@ def check_args(args: Args) -> None:
     """Stop early, in one line, on settings that would fail deep inside a library later."""
     check_task(args.task)
     if args.reward not in REWARD_MODES:
-        raise VdrError(f"unknown reward mode {args.reward!r}; choose one of: {', '.join(REWARD_MODES)}")
+        raise VdrError(f"unknown reward mode {args.reward!r}; {REWARD_MODES_HELP}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise VdrError(f"--device {args.device} asked for, but this torch ({torch.__version__}) sees no CUDA GPU; "
                        "use --device cpu (or --preset tiny), or install a CUDA build of torch")
@@ -289,7 +304,7 @@ def check_args(args: Args) -> None:
         check_task(task)
     for mode in args.bench_modes.split(","):
         if mode not in REWARD_MODES:
-            raise VdrError(f"unknown reward mode {mode!r} in --bench-modes; choose from: {', '.join(REWARD_MODES)}")
+            raise VdrError(f"unknown reward mode {mode!r} in --bench-modes; {REWARD_MODES_HELP}")
     for check in ARG_CHECKS:  # Part II's flags (section 1's ARG_CHECKS)
         check(args)
     if args.fb_reward not in FB_REWARDS:
@@ -823,6 +838,17 @@ SCHEDULER_CONFIG = dict(
 )
 
 
+def dit_predict(transformer, noisy_latents, timesteps, image_latents, prompt_embeds, image_rotary_emb=None):
+    """The DiT's output for x_t (B, k+1, C, h, w) at timesteps (B,), conditioned on c_image (B, 1, C, h, w),
+    zero-padded here to k+1 latent frames and joined along channels, and c_text (B, L, D): (B, k+1, C, h, w)."""
+    B, n = noisy_latents.shape[:2]
+    padding = image_latents.new_zeros(B, n - 1, *image_latents.shape[2:])
+    image_latents = torch.cat([image_latents, padding], dim=1)  # (B, k+1, C, h, w): c_image, zero-padded
+    model_input = torch.cat([noisy_latents, image_latents], dim=2)  # (B, k+1, 2C, h, w)
+    return transformer(hidden_states=model_input, encoder_hidden_states=prompt_embeds, timestep=timesteps,
+                       image_rotary_emb=image_rotary_emb, return_dict=False)[0]
+
+
 def diffusion_loss(transformer, scheduler, latents, image_latents, prompt_embeds, gen: torch.Generator,
                    image_rotary_emb=None) -> torch.Tensor:
     """E1 on one batch. latents (B, k+1, C, h, w) = x0; image_latents (B, 1, C, h, w) = c_image;
@@ -831,11 +857,7 @@ def diffusion_loss(transformer, scheduler, latents, image_latents, prompt_embeds
     noise = torch.randn(latents.shape, generator=gen).to(latents)  # eps
     timesteps = torch.randint(scheduler.config.num_train_timesteps, (B,), generator=gen).to(latents.device)
     noisy_latents = scheduler.add_noise(latents, noise, timesteps)  # x_t
-    padding = image_latents.new_zeros(B, latents.shape[1] - 1, *latents.shape[2:])
-    image_latents = torch.cat([image_latents, padding], dim=1)  # (B, k+1, C, h, w): c_image, zero-padded
-    model_input = torch.cat([noisy_latents, image_latents], dim=2)  # (B, k+1, 2C, h, w)
-    model_pred = transformer(hidden_states=model_input, encoder_hidden_states=prompt_embeds, timestep=timesteps,
-                             image_rotary_emb=image_rotary_emb, return_dict=False)[0]  # (B, k+1, C, h, w)
+    model_pred = dit_predict(transformer, noisy_latents, timesteps, image_latents, prompt_embeds, image_rotary_emb)
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(latents, noise, timesteps)  # v_t
     else:
@@ -845,19 +867,16 @@ def diffusion_loss(transformer, scheduler, latents, image_latents, prompt_embeds
 
 @torch.no_grad()
 def sample_latents(transformer, scheduler, image_latents, prompt_embeds, num_latent_frames: int,
-                   gen: torch.Generator, steps: int = 50) -> torch.Tensor:
+                   gen: torch.Generator, steps: int = 50, image_rotary_emb=None) -> torch.Tensor:
     """DDIM sampling (eta = 0, deterministic given the noise): pure noise (B, k+1, C, h, w) -> x0, with
     the first frame's latents (B, 1, C, h, w) and the prompt tokens (B, L, D) as conditions."""
     B, _, C, h, w = image_latents.shape
     scheduler.set_timesteps(steps)
     latents = torch.randn((B, num_latent_frames, C, h, w), generator=gen).to(image_latents)  # x_T
     latents = latents * scheduler.init_noise_sigma
-    padding = image_latents.new_zeros(B, num_latent_frames - 1, C, h, w)
-    image_latents = torch.cat([image_latents, padding], dim=1)  # (B, k+1, C, h, w)
     for t in scheduler.timesteps:
-        model_input = torch.cat([latents, image_latents], dim=2)  # (B, k+1, 2C, h, w)
-        model_pred = transformer(hidden_states=model_input, encoder_hidden_states=prompt_embeds,
-                                 timestep=t.expand(B).to(latents.device), return_dict=False)[0]
+        model_pred = dit_predict(transformer, latents, t.expand(B).to(latents.device), image_latents, prompt_embeds,
+                                 image_rotary_emb)  # (B, k+1, C, h, w)
         latents = scheduler.step(model_pred, t, latents, return_dict=False)[0]  # x_t -> x_{t-1}
     return latents
 
@@ -1061,6 +1080,15 @@ class VideoModel:
                                            device=self.transformer.device)[0]
         tokens = self.tokenizer(prompts).to(next(self.clip.parameters()).device)  # (B, L)
         return clip_text_tokens(self.clip, tokens).to(self.transformer.device, self.transformer.dtype)
+
+    def rotary(self, latents: torch.Tensor):
+        """The DiT's positions for latents (B, k+1, C, h, w): CogVideoX-5B's 3D rotary embeddings, or None
+        where the DiT has fixed positions (the toy's, CogVideoX-2B's)."""
+        if self.pipe is None or not self.transformer.config.use_rotary_positional_embeddings:
+            return None
+        s = self.pipe.vae_scale_factor_spatial  # latent -> pixel size
+        return self.pipe._prepare_rotary_positional_embeddings(latents.shape[3] * s, latents.shape[4] * s,
+                                                               latents.shape[1], latents.device)
 
 
 def train_dit(args: Args, model: VideoModel, videos: dict[str, np.ndarray], steps: int, lr: float, path: Path,
@@ -1347,6 +1375,28 @@ def goal_video(args: Args, model: VideoModel, first_frame: np.ndarray, seed: int
     return video
 
 
+def load_goal_video(args: Args) -> np.ndarray:
+    """--goal-video: a user's own goal video, a GIF or a folder of PNG/JPG frames (in name order), resized to
+    the model's frames and resampled to video_frames: (F, H, W, 3) uint8. One clear line if it cannot be read."""
+    from PIL import Image, ImageSequence
+    path, size = Path(args.goal_video), (args.image_size, args.image_size)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise VdrError(f"--goal-video {path}: no .png or .jpg frames in this folder")
+        images = [Image.open(f) for f in files]
+    elif path.suffix.lower() == ".gif" and path.is_file():
+        try:
+            images = [frame.copy() for frame in ImageSequence.Iterator(Image.open(path))]
+        except OSError as err:
+            raise VdrError(f"--goal-video {path} is not a readable GIF ({err}); give a GIF or a folder of frames") from None
+    else:
+        raise VdrError(f"--goal-video {path}: give a .gif file or a folder of .png/.jpg frames (an MP4 can be "
+                       "split into frames with `ffmpeg -i video.mp4 frames/%04d.png`)")
+    frames = np.stack([np.asarray(im.convert("RGB").resize(size, Image.BICUBIC)) for im in images])  # (N, H, W, 3)
+    return resample(frames, args.video_frames)
+
+
 def save_gif(frames: np.ndarray, path: Path, fps: int = 8) -> Path:
     """A video (T, H, W, 3) uint8 as an animated GIF (8 fps, the paper's goal-video rate), looping."""
     from PIL import Image
@@ -1563,12 +1613,25 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 # raise it. Measured (assets/RESULTS.md, section 4.4): it ranks episodes worse than F's value (AUROC 0.48
 # on reach-v3, 0.80 on button-press-v3) and the probe finds frames B places nearer the goal frame than the
 # expert's from every state; off by default.
+# Two guards on the value against the probe's exploit, both off by default:
+# --fb-conservative w adds the value-conservative term of Jeen, Bewley & Cullen [13] to E4's loss,
+#     w * mean_i [ log mean_k exp Q_z(s_i, a_k) - Q_z(s_i, a_i) ],   Q_z(s, a) = F(s, a, z)^T z,
+# a_k ~ U[-1, 1]^A (FB_OOD_ACTIONS of them): it lowers F's value at actions the data did not take, relative
+# to those it did, against a policy that picks actions F overrates. Measured (assets/RESULTS.md, section
+# 4.5): at w = 1 it changes nothing the probe sees (reach-v3 0.00, button-press-v3 0.60 -> 0.40), since
+# what the probe's plans reach are states the data never visited, not actions at visited states; and it
+# makes FB's training ~3x slower.
+# --fb-cap holds r_fb at or below the highest value F gives the data it was trained on, for the same goal,
+#     r_fb(s, a) = min(F(s, a, z*)^T z*, max_{(s', a') in FB's data} F(s', a', z*)^T z*)
+# (on FB_CAP_SAMPLES of its (state, action) pairs): F's value where F was trained, and no more elsewhere.
 FB_REWARDS = ("value", "shaping", "kernel")
 FB_DIM = 64  # d, published
 FB_HIDDEN = 512  # published
 FB_LR = 1e-4  # published (Adam)
 FB_ORTHO = 1.0  # lambda_ortho, published
 FB_TAU = 0.01  # target soft update, published
+FB_OOD_ACTIONS = 8  # uniform actions per state in --fb-conservative's soft maximum
+FB_CAP_SAMPLES = 4096  # (state, action) pairs of FB's data on which --fb-cap takes F's highest value
 FB_Z_FROM_B = 0.5  # share of training z's that are B of a batch frame (controllable_agent's and Meta Motivo's 0.5)
 FB_GAMMA = 0.98  # horizon ~50 steps: the scripted experts reach the goal in 30-90 steps (FB's own papers
                  # use 0.98 for goal reaching)
@@ -1640,7 +1703,8 @@ class FB(nn.Module):
     = psi of the frame after each transition. (An nn.Module so that state_dict() saves all four nets.)"""
 
     def __init__(self, obs_dim: int, act_dim: int, feature_dim: int, gamma: float = FB_GAMMA, d: int = FB_DIM,
-                 hidden: int = FB_HIDDEN, lr: float = FB_LR, tau: float = FB_TAU, seed: int = 0):
+                 hidden: int = FB_HIDDEN, lr: float = FB_LR, tau: float = FB_TAU, seed: int = 0,
+                 conservative: float = 0.0):
         import copy
         super().__init__()
         with torch.random.fork_rng():  # the nets' initialisation is a function of `seed`, and the caller's
@@ -1648,7 +1712,7 @@ class FB(nn.Module):
             self.F, self.B = ForwardMap(obs_dim, act_dim, d, hidden), BackwardMap(feature_dim, d, hidden)
         self.F_target, self.B_target = copy.deepcopy(self.F), copy.deepcopy(self.B)
         self.opt = torch.optim.Adam([*self.F.parameters(), *self.B.parameters()], lr=lr)
-        self.gamma, self.tau, self.d = gamma, tau, d
+        self.gamma, self.tau, self.d, self.conservative = gamma, tau, d, conservative
         self.gen = torch.Generator().manual_seed(seed)
 
     def update(self, batch: dict) -> dict:
@@ -1665,8 +1729,11 @@ class FB(nn.Module):
             F_next = self.F_target(batch["next_obs"], batch["next_actions"], z)  # (2, n, d)
             M_target = (F_next @ B_target.T).min(0).values  # (n, n)
         B = self.B(batch["next_features"])  # (n, d): g_j = s'_j
-        M = self.F(batch["obs"], batch["actions"], z) @ B.T  # (2, n, n)
-        loss, metrics = fb_loss(M, M_target, B, self.gamma)
+        F_data = self.F(batch["obs"], batch["actions"], z)  # (2, n, d)
+        loss, metrics = fb_loss(F_data @ B.T, M_target, B, self.gamma)  # M: (2, n, n)
+        if self.conservative > 0:
+            penalty = self.conservative_penalty(batch["obs"], F_data, z)
+            loss, metrics = loss + self.conservative * penalty, metrics | {"losses/conservative": penalty.item()}
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
@@ -1675,6 +1742,17 @@ class FB(nn.Module):
                 for p, tp in zip(net.parameters(), target.parameters()):
                     tp.lerp_(p, self.tau)
         return metrics
+
+    def conservative_penalty(self, obs: torch.Tensor, F_data: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The value-conservative term: soft maximum of Q_z(s, a) = F(s, a, z)^T z over FB_OOD_ACTIONS uniform
+        actions, minus Q_z at the data's action, per F head. obs (n, obs_dim), F_data (2, n, d), z (n, d)."""
+        n, K = len(obs), FB_OOD_ACTIONS
+        act_dim = self.F.heads[0][0].in_features - obs.shape[1] - self.d
+        actions = 2 * torch.rand(K * n, act_dim, generator=self.gen) - 1  # (K n, act_dim) uniform in [-1, 1]
+        zk = z.repeat(K, 1)  # (K n, d)
+        q_ood = (self.F(obs.repeat(K, 1), actions, zk) * zk).sum(-1).reshape(2, K, n)  # (2, K n) -> (2, K, n)
+        q_data = (F_data * z).sum(-1)  # (2, n)
+        return (torch.logsumexp(q_ood, dim=1) - math.log(K) - q_data).mean(-1).sum()
 
     def set_obs_stats(self, obs: torch.Tensor) -> None:
         """F's (and its target's) input scale from FB's training states (N, obs_dim), once, before training."""
@@ -1735,6 +1813,14 @@ def fb_transitions(episodes: list[dict], clip, every: int = 1) -> dict[str, torc
     return {k: torch.cat(v) for k, v in parts.items()}  # each (sum of n, ...)
 
 
+def cap_sample(episodes: list[dict], seed: int) -> dict[str, torch.Tensor]:
+    """FB_CAP_SAMPLES (state, action) pairs drawn from episodes' steps, for --fb-cap: {"obs", "actions"}."""
+    obs = torch.as_tensor(np.concatenate([ep["states"][:-1] for ep in episodes]), dtype=torch.float32)  # (N, obs_dim)
+    actions = torch.as_tensor(np.concatenate([ep["actions"] for ep in episodes]), dtype=torch.float32)  # (N, act_dim)
+    idx = torch.randint(len(obs), (FB_CAP_SAMPLES,), generator=torch.Generator().manual_seed(seed))
+    return {"obs": obs[idx], "actions": actions[idx]}
+
+
 def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool = True) -> FB:
     """FB trained offline for args.fb_steps on the transitions of `episodes` (cached by `key`, a description
     of the data, and the settings). The RL loop (section 9) trains the same FB online instead."""
@@ -1742,12 +1828,14 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
     data = None
     path = cache_path(args, "fb", ".pt", task=args.task, steps=args.fb_steps, batch=args.fb_batch, seed=args.seed,
                       dim=FB_DIM, hidden=FB_HIDDEN, gamma=FB_GAMMA, z_from_b=FB_Z_FROM_B, obs_scaled=OBS_CLIP,
-                      render_every=args.render_every, **key)
+                      render_every=args.render_every, **key, **({"conservative": args.fb_conservative,
+                      "ood_actions": FB_OOD_ACTIONS} if args.fb_conservative else {}))
     if not path.exists():  # the steps whose frames were rendered, as the RL loop's replay keeps them
         data = fb_transitions(episodes, clip, args.render_every)
     dims = (episodes[0]["states"].shape[-1], episodes[0]["actions"].shape[-1],
             frame_features(clip, episodes[0]["frames"][:1]).shape[-1])  # obs_dim, act_dim, psi's D
-    fb = FB(*dims, seed=args.seed)
+    fb = FB(*dims, seed=args.seed, conservative=args.fb_conservative)
+    fb.cap_data = cap_sample(episodes, args.seed)  # what --fb-cap measures F's range on (section 7)
     if path.exists():
         fb.load_state_dict(load_checkpoint(path))
         return fb
@@ -1838,12 +1926,17 @@ class GenerativeReward:
             "explore_latents": torch.stack([self.latents(ep) for ep in exploratory]),  # (N, n, D)
             "explore_obs": torch.as_tensor(np.stack([ep["states"][:-1] for ep in exploratory])),  # (N, T, obs_dim)
             "explore_actions": torch.as_tensor(np.stack([ep["actions"] for ep in exploratory])),  # (N, T, act_dim)
-            "explore_features": torch.stack([self.features(ep) for ep in exploratory])}  # (N, T+1, D)
-        self.explore_latents, self.explore_obs, self.explore_actions, self.explore_features = (
-            state[k] for k in self.state_dict_keys)
+            "explore_features": torch.stack([self.features(ep) for ep in exploratory]),  # (N, T+1, D)
+            **{"cap_" + k: v for k, v in getattr(fb, "cap_data", cap_sample(exploratory, args.seed)).items()}}
+        if "cap_obs" not in state:  # a reward.pt of an older vdr: its exploratory steps stand in for FB's data
+            state = state | {"cap_obs": state["explore_obs"].flatten(0, 1),
+                             "cap_actions": state["explore_actions"].flatten(0, 1)}
+        self.explore_latents, self.explore_obs, self.explore_actions, self.explore_features, self.cap_obs, \
+            self.cap_actions = (state[k] for k in self.state_dict_keys)
         self.reference = self.explore_latents.flatten(0, 1).mean(0) if args.video_centre else None  # m of E2: (D,)
 
-    state_dict_keys = ("explore_latents", "explore_obs", "explore_actions", "explore_features")
+    state_dict_keys = ("explore_latents", "explore_obs", "explore_actions", "explore_features", "cap_obs",
+                       "cap_actions")
 
     def state_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.state_dict_keys}
@@ -1867,8 +1960,14 @@ class GenerativeReward:
         gamma Phi(o_{t+1}) - Phi(o_t), or with kernel Phi(o_{t+1}) (section 6)."""
         if self.args.fb_reward in ("shaping", "kernel"):
             return fb_potential_reward(self.fb.potential(self.features(episode), goal.features), self.args).numpy()
-        return self.fb.reward(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
-                              goal.features).numpy()  # r_fb(s_t, a_t), t = 0..T-1
+        return self.value(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
+                          goal)  # r_fb(s_t, a_t), t = 0..T-1
+
+    def value(self, obs: torch.Tensor, actions: torch.Tensor, goal: Goal) -> np.ndarray:
+        """E5's value r_fb = min_k F_k(s, a, z*)^T z* for (n, obs_dim), (n, act_dim) -> (n,), capped with --fb-cap
+        at the highest value F gives its training data for this goal (goal.stats["r_fb_cap"])."""
+        r = self.fb.reward(obs, actions, goal.features).numpy()
+        return np.minimum(r, goal.stats["r_fb_cap"]) if self.args.fb_cap else r
 
     @torch.no_grad()
     def goal(self, video: np.ndarray, known: Goal | None = None) -> Goal:
@@ -1885,14 +1984,16 @@ class GenerativeReward:
         times = scored_steps(T, self.args.reward_every)
         r_video = np.stack([hold(times, latent_similarity(z, latents, self.reference), T)
                             for z in self.explore_latents])  # (N, T)
+        cap = float(self.fb.reward(self.cap_obs, self.cap_actions, features).max())  # --fb-cap's ceiling
         if self.args.fb_reward in ("shaping", "kernel"):
             phi = self.fb.potential(self.explore_features.flatten(0, 1), features).reshape(N, T + 1)  # (N, T+1)
             r_fb = fb_potential_reward(phi, self.args).numpy()  # (N, T)
         else:
             r_fb = self.fb.reward(self.explore_obs.flatten(0, 1), self.explore_actions.flatten(0, 1),
                                   features).numpy().reshape(N, T)  # (N*T,) -> (N, T)
+            r_fb = np.minimum(r_fb, cap) if self.args.fb_cap else r_fb
         stats = {name: (r.mean(0), float((r - r.mean(0)).std()) + 1e-8)  # mu(t): (T,), pooled sigma
-                 for name, r in (("r_video", r_video), ("r_fb", r_fb))}
+                 for name, r in (("r_video", r_video), ("r_fb", r_fb))} | {"r_fb_cap": cap}
         return Goal(video, latents, index, scores, features, stats)
 
     def terms(self, episode: dict, goal: Goal, latents: torch.Tensor | None = None) -> dict[str, np.ndarray]:
@@ -1930,8 +2031,147 @@ def clip_text_prompts(args: Args) -> list[str]:
 
 @torch.no_grad()
 def clip_text_reward(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -> np.ndarray:
-    """VLM-RM (Rocamonde et al. 2024): r_t = cos(CLIP_img(o_t), CLIP_txt(prompt)) for t = 1..T -> (T,)."""
+    """VLM-RM [12]: r_t = cos(CLIP_img(o_t), CLIP_txt(prompt)) for t = 1..T -> (T,)."""
     return (frame_features(clip, frames[1:]) @ text_target(clip, tokenizer, prompts)).numpy()
+
+
+# ---- 7c. the peers' rewards, from the same video model: VIPER, Diffusion Reward, TADPoLe, RoboCLIP ----
+# The rewards the paper compares against, each computed from vdr's own finetuned video model (its VAE, DiT
+# and text encoder) or its CLIP, so that they differ from E6 in the reward alone: the same model, tasks and
+# agent. Three read the DiT's noise predictions on clips of the agent's recent frames: at E2's scored steps t,
+# the last F frames at the goal video's spacing (E2's "window" clip), encoded by the VAE into x0, noised as in
+# training, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, at the PEER_TIMESTEPS levels with one fixed eps per
+# level for every clip and episode (so that two episodes are compared under the same noise); eps_hat(x_t, c)
+# is the DiT's prediction turned into noise (from v, under v-prediction); c = (the clip's first frame, the
+# task's prompt), the conditions the model was trained with. Each is held between scored steps, as E2 is.
+#   viper             VIPER [8]: the log-likelihood of the agent's frames under a video model of expert
+#                     videos, r(t) = log p(clip_t | c). VIPER's model is autoregressive and gives it exactly;
+#                     a diffusion model gives a lower bound (the ELBO), estimated up to a constant and
+#                     per-level weights (equal here) by minus the denoising error:
+#                         r(t) = -mean_levels |eps_hat(x_t, c) - eps|^2
+#   diffusion-reward  Diffusion Reward [9]: minus the conditional entropy of the model's prediction given
+#                     the agent's history, -H(x | o_t): an expert-like history leaves the model less to guess.
+#                     Estimated as the original does, by the ELBO of the model's own sample: one DDIM sample x
+#                     continuing from o_t (PEER_SAMPLE_STEPS steps, fixed noise), scored as viper scores a clip.
+#                     The original adds an RND exploration bonus and the env's sparse success reward; this
+#                     mode is the entropy term alone (reward-free), without RND.
+#   tadpole           TADPoLe [10], in its video form (Video-TADPoLe scores sliding windows of frames):
+#                     how much the task's text changes, and improves, the noise prediction on the agent's clip,
+#                     against an unconditioned prediction eps_0:
+#                         r_align = |eps_y - eps_0|^2,   r_rec = |eps_0 - eps|^2 - |eps_y - eps|^2
+#                         r(t) = symlog(r_align) + symlog(r_rec),   symlog(x) = sign(x) log(1 + |x|)
+#                     TADPoLe weighs the two terms by tuned weights; vdr weighs them equally. The toy DiT was
+#                     trained without prompt dropout, so it has no unconditioned mode: eps_0 is the mean
+#                     prediction over the pretraining tasks' prompts (the prompts it knows, marginalised).
+#   roboclip          RoboCLIP [11]: one similarity per episode, paid at its last step, between the agent's
+#                     whole video and the task: the task's text, or a demo video (--goal-video), the one-shot
+#                     setting RoboCLIP is known for. RoboCLIP embeds videos with S3D, a video-language
+#                     model; vdr with its CLIP: frame embeddings averaged over ROBOCLIP_FRAMES frames.
+# In RL each is put on exploring's scale as E6's terms are (section 7), (r(t) - mu(t)) / sigma over the
+# exploratory episodes (Diffusion Reward's code standardises its reward too); "<mode>+dense" adds it, times
+# --hybrid-weight, to the env's dense reward, and so does clip-text+dense (clip-text alone pays VLM-RM's
+# raw cosine).
+PEER_MODES = ("viper", "diffusion-reward", "tadpole", "roboclip")
+PEER_TIMESTEPS = (200, 500)  # of 1000 training timesteps: low and mid noise, where the prediction still
+                             # depends on the frames (at 999, zero terminal SNR, x_t is pure noise); two levels,
+                             # since each costs a DiT pass per clip (tadpole's: 1 + len(PRETRAIN_TASKS))
+PEER_SAMPLE_STEPS = 10  # DDIM steps of diffusion-reward's sample (goal videos take --sample-steps, 20)
+ROBOCLIP_FRAMES = 16  # frames of a video that CLIP embeds (S3D, RoboCLIP's encoder, reads 32)
+PEER_STREAM = 4  # the fixed noise is drawn from torch.Generator seeded [seed, PEER_STREAM]: a stream of its own
+
+
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+@torch.no_grad()
+def video_embedding(clip, frames: np.ndarray) -> torch.Tensor:
+    """roboclip's embedding of a video (N, H, W, 3): the normalised mean CLIP embedding of ROBOCLIP_FRAMES
+    frames resampled from it -> (D,) float32."""
+    return F.normalize(frame_features(clip, resample(frames, ROBOCLIP_FRAMES)).mean(0), dim=0)
+
+
+class PeerReward:
+    """One peer's reward (section 7c), raw, from the frozen video model: `raw(episode)` -> (T,) float32.
+    goal: roboclip's demo video (F, H, W, 3), or None for the task's text."""
+
+    def __init__(self, args: Args, model: VideoModel, mode: str, goal: np.ndarray | None = None):
+        if mode not in PEER_MODES:
+            raise VdrError(f"unknown peer reward {mode!r}; choose one of: {', '.join(PEER_MODES)}")
+        self.args, self.model, self.mode = args, model, mode
+        self.device, self.dtype = model.transformer.device, model.transformer.dtype
+        self.prompt = model.prompt_embeds([task_prompt(args.task)])  # (1, L, D): c_text
+        if mode == "tadpole":
+            self.others = model.prompt_embeds([task_prompt(t) for t in PRETRAIN_TASKS])  # (P, L, D)
+        if mode == "roboclip":
+            self.target = (video_embedding(model.clip, goal) if goal is not None else
+                           text_target(model.clip, model.tokenizer, [task_prompt(args.task)]))  # (D,)
+
+    @torch.no_grad()
+    def raw(self, episode: dict) -> np.ndarray:
+        frames = hold_frames(episode["frames"], self.args.render_every)  # (T+1, H, W, 3), as E2 reads them
+        T = len(frames) - 1
+        if self.mode == "roboclip":
+            r = np.zeros(T, np.float32)
+            r[-1] = float(video_embedding(self.model.clip, frames) @ self.target)
+            return r
+        times = scored_steps(T, self.args.reward_every)  # (n,)
+        clips = agent_clips(frames, times, self.args.video_frames, "window", T / (self.args.video_frames - 1))
+        latents, first = encode_videos(self.model.vae, clips)  # (n, k+1, C, h, w), (n, 1, C, h, w)
+        latents, first = latents.to(self.device, self.dtype), first.to(self.device, self.dtype)
+        if self.mode == "viper":
+            scores = self.elbo(latents, first, self.prompt)
+        elif self.mode == "diffusion-reward":  # the model's own continuation of o_t, then its ELBO
+            now = encode_videos(self.model.vae, frames[times][:, None])[1].to(self.device, self.dtype)  # (n, 1, C, h, w)
+            gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + PEER_STREAM)
+            sample = sample_latents(self.model.transformer, self.model.scheduler, now, self.prompts(len(now)),
+                                    latents.shape[1], gen, PEER_SAMPLE_STEPS, self.model.rotary(latents))
+            scores = self.elbo(sample, now, self.prompt)
+        else:
+            scores = self.tadpole(latents, first)
+        return hold(times, scores.float().cpu().numpy(), T)
+
+    def prompts(self, n: int, embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """c_text for a batch of n: (1, L, D) -> (n, L, D); embeds already (n, L, D) pass through."""
+        embeds = self.prompt if embeds is None else embeds
+        return embeds.expand(n, -1, -1) if len(embeds) == 1 else embeds
+
+    def noise(self, x0: torch.Tensor) -> list[torch.Tensor]:
+        """One fixed eps (k+1, C, h, w) per level of PEER_TIMESTEPS, the same for every clip and episode."""
+        gen = torch.Generator().manual_seed(self.args.seed * 1_000_003 + PEER_STREAM)
+        return [torch.randn(x0.shape[1:], generator=gen).to(x0) for _ in PEER_TIMESTEPS]
+
+    def eps_hat(self, x0: torch.Tensor, eps: torch.Tensor, level: int, first: torch.Tensor,
+                prompt: torch.Tensor) -> torch.Tensor:
+        """The DiT's noise prediction for x0 (n, k+1, C, h, w) noised by eps at timestep `level`: (n, k+1, C, h, w)."""
+        scheduler, n = self.model.scheduler, len(x0)
+        t = torch.full((n,), level, dtype=torch.long, device=x0.device)
+        x_t = scheduler.add_noise(x0, eps.expand_as(x0), t)
+        pred = dit_predict(self.model.transformer, x_t, t, first, self.prompts(n, prompt), self.model.rotary(x0))
+        if scheduler.config.prediction_type != "v_prediction":
+            return pred.float()
+        abar = scheduler.alphas_cumprod[level].to(x0.device)
+        return (abar.sqrt() * pred + (1 - abar).sqrt() * x_t).float()  # eps = sqrt(abar) v + sqrt(1 - abar) x_t
+
+    def elbo(self, x0: torch.Tensor, first: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+        """Minus the denoising error averaged over PEER_TIMESTEPS: (n, k+1, C, h, w) -> (n,)."""
+        errors = [(self.eps_hat(x0, eps, level, first, prompt) - eps.float()).pow(2).flatten(1).mean(1)
+                  for level, eps in zip(PEER_TIMESTEPS, self.noise(x0))]
+        return -torch.stack(errors).mean(0)
+
+    def tadpole(self, x0: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+        """symlog(r_align) + symlog(r_rec), each averaged over PEER_TIMESTEPS: (n, k+1, C, h, w) -> (n,)."""
+        align, rec = 0.0, 0.0
+        for level, eps in zip(PEER_TIMESTEPS, self.noise(x0)):
+            eps_y = self.eps_hat(x0, eps, level, first, self.prompt)
+            P, n = len(self.others), len(x0)
+            eps_0 = self.eps_hat(x0.repeat(P, 1, 1, 1, 1), eps, level, first.repeat(P, 1, 1, 1, 1),
+                                 self.others.repeat_interleave(n, 0))  # (P n, k+1, C, h, w): prompt-major
+            eps_0 = eps_0.reshape(P, n, *eps_0.shape[1:]).mean(0)  # (P n, ...) -> (P, n, ...) -> (n, ...)
+            error = lambda e: (e - eps.float()).pow(2).flatten(1).mean(1)  # (n,)
+            align = align + (eps_y - eps_0).pow(2).flatten(1).mean(1)
+            rec = rec + error(eps_0) - error(eps_y)
+        return symlog(align / len(PEER_TIMESTEPS)) + symlog(rec / len(PEER_TIMESTEPS))
 
 
 # =====================================================================================================
@@ -2157,6 +2397,11 @@ class SAC:
 #     dense      Meta-World's hand-shaped reward (in [0, 10] per step) [2].
 #     sparse     1 at the steps where the task is solved, else 0.
 #     clip-text  VLM-RM: CLIP similarity of each frame to the task's text (section 7b).
+#     viper, diffusion-reward, tadpole, roboclip: the peers' rewards on the same video model (section 7c),
+#                standardised on the exploratory episodes as E6's terms are.
+#     <term>+dense  any of the learned rewards, standardised, times --hybrid-weight, plus the dense reward
+#                (gen+dense scales E6's two weights instead): clip-text+dense is the control that tells
+#                whether the video model helps or any extra shaping does.
 # Rewards are computed per episode, when it ends, in one batched call; only then do its transitions enter
 # the replay buffer. That costs nothing for the env's own rewards and is the cheap way to use a
 # video-level reward, which needs the episode's frames, in one batched encoder call.
@@ -2187,6 +2432,38 @@ class SAC:
 # the third panel of learning_curve.png, so a run shows which term the agent earns while its success rises
 # or falls.
 GEN_MODES = ("gen", "gen+dense")
+
+
+def split_mode(mode: str) -> tuple[str, bool]:
+    """A reward mode -> (its learned term or the env's reward, whether the dense reward is added):
+    'viper+dense' -> ('viper', True), 'gen' -> ('gen', False), 'dense' -> ('dense', False)."""
+    return (mode[:-len("+dense")], True) if mode.endswith("+dense") else (mode, False)
+
+
+def needs_video_model(mode: str) -> bool:
+    """Every mode but the env's own rewards reads frames through the video model's VAE, DiT or CLIP."""
+    return mode not in ("dense", "sparse")
+
+
+class TermReward:
+    """One learned term put on exploring's scale, (raw(episode) - mu(t)) / sigma, mu(t) its mean at step t over
+    the exploratory episodes and sigma its spread around mu(t), pooled over the steps where it varies (all of
+    them, or roboclip's last): E6's standardisation (section 7) for a single term. `__call__(episode)` -> (T,)."""
+
+    def __init__(self, raw, exploratory: list[dict] | None = None, state: dict | None = None):
+        self.raw = raw
+        if state is None:
+            r = np.stack([raw(ep) for ep in exploratory])  # (N, T)
+            dev = r - r.mean(0)  # (N, T)
+            state = {"mu": r.mean(0), "sigma": float(dev[:, np.abs(dev).sum(0) > 0].std()) + 1e-8}
+        self.mu, self.sigma = state["mu"], state["sigma"]
+
+    def state_dict(self) -> dict:
+        return {"mu": self.mu, "sigma": self.sigma}
+
+    def __call__(self, episode: dict) -> np.ndarray:
+        r = self.raw(episode)
+        return ((r - self.mu[:len(r)]) / self.sigma).astype(np.float32)
 REWARD_COST_PARTS = ("render", "goal_video", "scoring", "fb_features", "fb_updates")
 
 
@@ -2202,9 +2479,17 @@ class EpisodeRewards:
         self.args, self.pending, self.reward, self.episodes = args, [], None, 0
         self.goals = {}  # the pool's goals by their first frame's hash: E3 and E(V_goal) made once
         self.seconds = dict.fromkeys(REWARD_COST_PARTS, 0.0)  # wall time of each part of the reward
-        self.needs_frames = args.reward in (*GEN_MODES, "clip-text")
+        self.needs_frames = needs_video_model(args.reward)
+        self.base, self.hybrid = split_mode(args.reward)
+        self.term = None  # the standardised term of the peers' modes and clip-text+dense, once exploring is done
         if self.needs_frames:
             self.model = load_video_model(args)  # cached; the toy model trains on first use (~11 min)
+        self.given = load_goal_video(args) if args.goal_video else None  # --goal-video: one goal for all
+        if self.base in PEER_MODES:
+            self.raw = PeerReward(args, self.model, self.base, goal=self.given).raw
+        elif self.base == "clip-text":
+            prompts = clip_text_prompts(args)
+            self.raw = lambda ep: clip_text_reward(self.model.clip, self.model.tokenizer, ep["frames"], prompts)
         if args.reward in GEN_MODES:
             self.fb_data, self.fb_parts = None, []  # --fb-online's replay: fb_transitions() dicts, joined when sampled
             self.fb_gen = torch.Generator().manual_seed(args.seed)
@@ -2212,7 +2497,7 @@ class EpisodeRewards:
                 self.fb = offline_fb(args, self.model, progress=progress)
             else:
                 psi_dim = frame_features(self.model.clip, np.zeros((1, 8, 8, 3), np.uint8)).shape[-1]
-                self.fb = FB(obs_dim, act_dim, psi_dim, seed=args.seed)
+                self.fb = FB(obs_dim, act_dim, psi_dim, seed=args.seed, conservative=args.fb_conservative)
                 if args.fb_demos:  # the finetuning demos (cached), with their states and actions
                     self.fb_parts.append(fb_transitions(split_episodes(collect_demos(args, progress=False)),
                                                         self.model.clip))
@@ -2228,16 +2513,26 @@ class EpisodeRewards:
 
     def __call__(self, episode: dict, step: int) -> list[tuple[dict, np.ndarray, dict]]:
         mode = self.args.reward
-        if mode not in GEN_MODES:
+        if mode in ("dense", "sparse", "clip-text"):  # per episode, unstandardised (VLM-RM pays the raw cosine)
             if mode == "dense":
                 r = episode["env_rewards"]
             elif mode == "sparse":
                 r = episode["success"].astype(np.float32)
-            else:  # clip-text
+            else:
                 with self.timed("scoring"):
-                    r = clip_text_reward(self.model.clip, self.model.tokenizer, episode["frames"],
-                                         clip_text_prompts(self.args))
+                    r = self.raw(episode)
             return [(episode, r, {"charts/reward_return": float(r.sum())})]
+        if mode not in GEN_MODES:  # one standardised term: held back while exploring sets its scale
+            if self.term is None:
+                self.pending.append(episode)
+                if step + 1 < self.args.learning_starts:
+                    return []
+                with self.timed("scoring"):
+                    self.term = TermReward(self.raw, self.pending)
+                ready, self.pending = self.pending, []
+            else:
+                ready = [episode]
+            return [self.score_term(ep) for ep in ready]
         if self.args.fb_online and step < self.args.fb_freeze:  # FB's data: psi of the frames, computed once
             with self.timed("fb_features"):
                 self.fb_parts.append(fb_transitions([episode], self.model.clip, self.args.render_every))
@@ -2255,24 +2550,36 @@ class EpisodeRewards:
             ready = [episode]
         return [self.score(ep, step) for ep in ready]
 
+    def score_term(self, episode: dict) -> tuple[dict, np.ndarray, dict]:
+        """A standardised term, times --hybrid-weight plus the dense reward in "<term>+dense", and the returns
+        to log: SAC's and the term's standardised return."""
+        with self.timed("scoring"):
+            z = self.term(episode)
+        r = self.args.hybrid_weight * z + episode["env_rewards"] if self.hybrid else z
+        return episode, r.astype(np.float32), {"charts/reward_return": float(r.sum()),
+                                               "charts/term_std_return": float(z.sum())}
+
     def score(self, episode: dict, step: int) -> tuple[dict, np.ndarray, dict]:
         """E6 (+ the env's reward in gen+dense) against a goal video generated from the episode's first frame,
         and the returns to log: SAC's, and each term's standardised return (r_fb's is 0 while it is unpaid)."""
         self.episodes += 1
         fb_paid = not self.args.fb_online or step >= self.args.fb_freeze  # only a frozen FB pays
-        if self.args.goal_pool:  # a pool state: its goal video is made once (cached on disk), then reused
+        if self.given is not None:  # --goal-video: the user's video is every episode's goal
+            key, video = "given", self.given
+        elif self.args.goal_pool:  # a pool state: its goal video is made once (cached on disk), then reused
             key = frame_hash(episode["frames"][0])
             with self.timed("goal_video"):
                 video = goal_video(self.args, self.model, episode["frames"][0], seed=self.args.seed)
-            with self.timed("scoring"):
-                goal = self.goals[key] = self.reward.goal(video, known=self.goals.get(key))
         else:  # a fresh state every episode: a goal video of its own
+            key = None
             with self.timed("goal_video"):
                 video = generate_video(self.model, episode["frames"][0], task_prompt(self.args.task),
                                        self.args.video_frames, seed=self.args.seed * 1_000_003 + self.episodes,
                                        steps=self.args.sample_steps)
-            with self.timed("scoring"):
-                goal = self.reward.goal(video)
+        with self.timed("scoring"):
+            goal = self.reward.goal(video, known=self.goals.get(key))
+        if key is not None:
+            self.goals[key] = goal
         with self.timed("scoring"):
             terms = self.reward.terms(episode, goal)
             r = self.reward.combine(terms, goal, fb_paid)
@@ -2286,17 +2593,24 @@ class EpisodeRewards:
 
     def state_dict(self) -> dict:
         """What a resumed run needs: FB with its optimiser and data, the held-back episodes, and the frozen
-        parts of the generative reward (exploratory latents, m, and the exploratory transitions)."""
-        if self.args.reward not in GEN_MODES:
+        parts of the generative reward (exploratory latents, m, and the exploratory transitions); in the
+        one-term modes, the held-back episodes and the term's scale."""
+        pending = [{k: torch.from_numpy(v) for k, v in ep.items()} for ep in self.pending]  # no numpy
+        if self.args.reward in ("dense", "sparse", "clip-text"):
             return {}
+        if self.args.reward not in GEN_MODES:
+            return {"pending": pending, "term": None if self.term is None else self.term.state_dict()}
         reward = None if self.reward is None else self.reward.state_dict()
         return {"fb": self.fb.state_dict(), "fb_opt": self.fb.opt.state_dict(), "fb_gen": self.fb_gen.get_state(),
                 "fb_fb_gen": self.fb.gen.get_state(), "fb_data": self.fb_data, "fb_parts": self.fb_parts,
-                "pending": [{k: torch.from_numpy(v) for k, v in ep.items()} for ep in self.pending],  # no numpy
-                "reward": reward, "episodes": self.episodes}
+                "pending": pending, "reward": reward, "episodes": self.episodes}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.args.reward in ("dense", "sparse", "clip-text"):
+            return
         if self.args.reward not in GEN_MODES:
+            self.pending = [{k: v.numpy() for k, v in ep.items()} for ep in state["pending"]]
+            self.term = None if state["term"] is None else TermReward(self.raw, state=state["term"])
             return
         self.fb.load_state_dict(state["fb"]); self.fb.opt.load_state_dict(state["fb_opt"])
         self.fb_gen.set_state(state["fb_gen"]); self.fb.gen.set_state(state["fb_fb_gen"])
@@ -2492,7 +2806,7 @@ def plot_learning_curve(curve: list[dict], path: Path, title: str) -> Path:
                  label="training episodes")
         ax1.legend(fontsize=8)
         names = {"reward_return": "the reward SAC maximises", "r_video_std_return": "r_video (standardised)",
-                 "r_fb_std_return": "r_fb (standardised)"}
+                 "r_fb_std_return": "r_fb (standardised)", "term_std_return": "the learned term (standardised)"}
         for key, label in names.items():
             if any("train/" + key in c for c in curve):
                 ax3[0].plot(steps, get("train/" + key), marker=".", label=label)
@@ -2799,7 +3113,7 @@ PROBE_POPULATION = 24  # plans per CEM iteration
 PROBE_ELITES = 6  # the best quarter, whose per-number mean and std draw the next iteration's plans
 PROBE_ITERATIONS = 4
 PROBE_STD = 0.6  # the first iteration's std (actions lie in [-1, 1]); later ones get +0.05, so CEM keeps looking
-PROBE_REWARDS = ("combined", "r_video", "r_fb", "dense")  # what --probe-rewards may name
+PROBE_REWARDS = ("combined", "r_video", "r_fb", "dense", *PEER_MODES)  # what --probe-rewards may name
 
 
 def check_probe_rewards(args: Args) -> None:
@@ -2856,7 +3170,8 @@ def probe_metrics(success_returns: np.ndarray, expert_returns: np.ndarray, explo
 
 
 def exploit_probe(args: Args, g: GenerativeReward, goals: list[Goal], held_out: list[dict],
-                  rewards: dict[str, list[np.ndarray]], success: np.ndarray, progress: bool = True) -> dict:
+                  rewards: dict[str, list[np.ndarray]], success: np.ndarray, progress: bool = True,
+                  peers: dict | None = None) -> dict:
     """The probe on E6 ("combined"), each of its terms, and the env's dense reward (the control), from the
     first args.probe_states held-out states; held_out[i] is the expert's episode from state i. Returns
     {reward: probe_metrics(...) | {"expert_returns", "exploit_returns"}}."""
@@ -2865,7 +3180,8 @@ def exploit_probe(args: Args, g: GenerativeReward, goals: list[Goal], held_out: 
         "combined": (lambda ep, i: g.reward(ep, goals[i]).sum(), True),
         "r_video": (lambda ep, i: g.terms(ep, goals[i])["r_video"].sum(), True),
         "r_fb": (lambda ep, i: g.r_fb(ep, goals[i]).sum(), args.fb_reward != "value"),
-        "dense": (lambda ep, i: ep["env_rewards"].sum(), False)}
+        "dense": (lambda ep, i: ep["env_rewards"].sum(), False),
+        **{m: (lambda ep, i, p=p: p.raw(ep).sum(), True) for m, p in (peers or {}).items()}}
     n, out = min(args.probe_states, args.eval_videos), {}
     if n == 0:
         return out
@@ -2953,9 +3269,15 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
             encoded[key] = [v.latents(ep) for ep in tqdm(held_out, desc=f"encode [{k}]", disable=not progress)]
         latents[k] = encoded[key]
     expert = [ep for ep, b in zip(held_out, behaviours) if b == "expert"]
-    goal_videos = {"generated": [goal_video(args, model, ep["frames"][0], seed=args.seed + i)
-                                 for i, ep in enumerate(tqdm(expert, desc="goal videos", disable=not progress))],
+    given = load_goal_video(args) if args.goal_video else None  # --goal-video: the "generated" row's goal
+    goal_videos = {"generated": [goal_video(args, model, ep["frames"][0], seed=args.seed + i) if given is None
+                                 else given for i, ep in enumerate(tqdm(expert, desc="goal videos", disable=not progress))],
                    "oracle": [resample(ep["frames"], args.video_frames) for ep in expert]}
+    # the peers' rewards (section 7c) read no goal video (roboclip reads --goal-video, if given), so each one's
+    # row is the same against both goals below
+    peers = {m: PeerReward(args, model, m, goal=given) for m in PEER_MODES}
+    peer_rewards = {m: [p.raw(ep) for ep in tqdm(held_out, desc=f"score [{m}]", disable=not progress)]
+                    for m, p in peers.items()}
     prompts = clip_text_prompts(args)
     metrics = {"task": args.task, "episodes": {b: behaviours.count(b) for b in BEHAVIOURS},
                "success_rate": {b: float(success[np.array(behaviours) == b].mean()) for b in BEHAVIOURS}}
@@ -2963,7 +3285,7 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
     for kind, videos in goal_videos.items():
         goals = {k: [v.goal(video) for video in videos] for k, v in variants.items()}
         rewards = {name: [] for name in ("combined", "r_video", "r_fb", *list(variants)[1:], "clip_text",
-                                         "pixel_distance", "clip_text_end", "dense")}
+                                         "pixel_distance", "clip_text_end", *PEER_MODES, "dense")}
         for j, ep in enumerate(held_out):
             i = j % args.eval_videos  # the initial state, hence the goal, of this episode
             goal = goals["vdr"][i]
@@ -2977,13 +3299,15 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
                 rewards["clip_text_end"].append(clip_text_reward(model.clip, model.tokenizer, ep["frames"],
                                                                   goal_prompts(args)))
             rewards["pixel_distance"].append(pixel_reward(ep["frames"], goal.video[goal.frame_index]))
+            for m in PEER_MODES:
+                rewards[m].append(peer_rewards[m][j])
             rewards["dense"].append(ep["env_rewards"])
         rewards = {k: v for k, v in rewards.items() if v}
         quality = reward_quality(rewards, behaviours, success)
         if kind == "generated":
             metrics.update(quality)
             metrics["auroc_by_failure"] = auroc_by_failure(rewards, behaviours, success)
-            metrics["probe"] = exploit_probe(args, g, goals["vdr"], held_out, rewards, success, progress)
+            metrics["probe"] = exploit_probe(args, g, goals["vdr"], held_out, rewards, success, progress, peers)
             curves = rewards
             plot_goal_frames(goals["vdr"][:3], out / "goal_frames.png")
         else:
@@ -3080,7 +3404,7 @@ def run(args: Args, out: Path | None = None) -> dict:
     t0 = time.time()
     out = Path(out or default_out(args, "run"))
     collect(args, out / "demos")
-    if args.reward in (*GEN_MODES, "clip-text"):
+    if needs_video_model(args.reward):
         load_video_model(args)  # pretrain + finetune (cached), so the train bar below is SAC's alone
     metrics = train(args, out)
     metrics |= report(args, out)
@@ -3129,7 +3453,8 @@ def report(args: Args, out: Path) -> dict:
         fb.load_state_dict(saved["fb"])
         reward = GenerativeReward(args, model.vae, model.clip, model.tokenizer, fb, state=saved["reward"])
         for i, episodes in enumerate(states):
-            goal = reward.goal(generate_video(model, episodes["agent"]["frames"][0], task_prompt(args.task),
+            goal = reward.goal(load_goal_video(args) if args.goal_video else
+                               generate_video(model, episodes["agent"]["frames"][0], task_prompt(args.task),
                                               args.video_frames, seed=args.seed, steps=args.sample_steps))
             curves = {}
             for name, ep in episodes.items():
@@ -3268,7 +3593,7 @@ def bench(args: Args, out: Path | None = None) -> dict:
     tasks, modes, seeds = args.bench_tasks.split(","), args.bench_modes.split(","), bench_seed_list(args.bench_seeds)
     jobs, threads = [], max(1, (os.cpu_count() or 1) // args.workers)
     for task in tasks:
-        if any(m in (*GEN_MODES, "clip-text") for m in modes) and not args.slurm:
+        if any(needs_video_model(m) for m in modes) and not args.slurm:
             for seed in seeds:  # each seed's video model (its key holds the seed), trained
                 load_video_model(dataclasses.replace(args, task=task, seed=seed))  # here once, not by each worker
         for mode in modes:
