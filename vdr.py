@@ -1619,11 +1619,15 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 # a_k ~ U[-1, 1]^A (FB_OOD_ACTIONS of them): it lowers F's value at actions the data did not take, relative
 # to those it did, against a policy that picks actions F overrates. Measured (assets/RESULTS.md, section
 # 4.5): at w = 1 it changes nothing the probe sees (reach-v3 0.00, button-press-v3 0.60 -> 0.40), since
-# what the probe's plans reach are states the data never visited, not actions at visited states; and it
-# makes FB's training ~3x slower.
+# the probe's plans are paid for the states they hold, not for odd actions; and it makes FB's training ~3x
+# slower.
 # --fb-cap holds r_fb at or below the highest value F gives the data it was trained on, for the same goal,
 #     r_fb(s, a) = min(F(s, a, z*)^T z*, max_{(s', a') in FB's data} F(s', a', z*)^T z*)
 # (on FB_CAP_SAMPLES of its (state, action) pairs): F's value where F was trained, and no more elsewhere.
+# Measured (assets/RESULTS.md, section 4.5): it never binds on the held-out episodes and binds on some of
+# the probe's plans, which still beat the expert: they hold a state F rates near the top of its data's
+# range for most of the episode, where the expert spends only the steps after it arrives. A per-step
+# value pays that, whatever bounds its range.
 FB_REWARDS = ("value", "shaping", "kernel")
 FB_DIM = 64  # d, published
 FB_HIDDEN = 512  # published
