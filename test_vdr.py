@@ -480,6 +480,10 @@ def test_paper_path_loads_finetunes_with_lora_and_generates_from_a_saved_checkpo
     first = np.zeros((64, 64, 3), np.uint8)
     video = vdr.generate_video(model, first, vdr.task_prompt("reach-v3"), 9, seed=0, steps=2)
     assert video.shape == (9, 64, 64, 3) and video.dtype == np.uint8
+    episode = {"frames": np.random.default_rng(0).integers(0, 256, (41, 64, 64, 3), dtype=np.uint8)}
+    for mode in ("viper", "diffusion-reward", "tadpole"):  # the peers read this DiT, its T5 and rotary positions
+        r = vdr.PeerReward(args, model, mode).raw(episode)
+        assert r.shape == (40,) and np.isfinite(r).all(), mode
 
 
 def test_learned_positions_are_dropped_only_off_the_native_size():
