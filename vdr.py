@@ -3335,7 +3335,7 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
         print(f"{'reward':20s} {'auroc_exploit':>13s} {'expert_over_exploit':>19s} {'exploit_success':>15s}  "
               "return per state: expert / exploit")
         for name, p in metrics["probe"].items():
-            pairs = " ".join(f"{e:.0f}/{x:.0f}" for e, x in zip(p["expert_returns"], p["exploit_returns"]))
+            pairs = " ".join(f"{e:.4g}/{x:.4g}" for e, x in zip(p["expert_returns"], p["exploit_returns"]))
             print(f"{name:20s} {p['auroc_exploit']:13.2f} {p['expert_over_exploit']:19.2f} "
                   f"{p['exploit_success']:15.2f}  {pairs}")
     return metrics
