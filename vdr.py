@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 132-2926)                                                              line lines
+Part I, the method (lines 132-2931)                                                              line lines
    1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   202
    2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      340   288
    3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    628   801
    4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1429   115
    5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1544    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1575   306
-   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1881   296
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2177   213
-   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2390   431
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2821   106
-Part II, experiments and extensions (lines 2928-4078)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2934   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3034   345
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3379   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3517   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3686   315
-  16. Command line     one command per stage; every Args field is a flag                           4001    78
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1575   309
+   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1884   298
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2182   213
+   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2395   431
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2826   106
+Part II, experiments and extensions (lines 2933-4085)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2939   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3039   347
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3386   138
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3524   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3693   315
+  16. Command line     one command per stage; every Args field is a flag                           4008    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -1716,7 +1716,7 @@ class FB(nn.Module):
             self.F, self.B = ForwardMap(obs_dim, act_dim, d, hidden), BackwardMap(feature_dim, d, hidden)
         self.F_target, self.B_target = copy.deepcopy(self.F), copy.deepcopy(self.B)
         self.opt = torch.optim.Adam([*self.F.parameters(), *self.B.parameters()], lr=lr)
-        self.gamma, self.tau, self.d, self.conservative = gamma, tau, d, conservative
+        self.gamma, self.tau, self.d, self.act_dim, self.conservative = gamma, tau, d, act_dim, conservative
         self.gen = torch.Generator().manual_seed(seed)
 
     def update(self, batch: dict) -> dict:
@@ -1751,8 +1751,7 @@ class FB(nn.Module):
         """The value-conservative term: soft maximum of Q_z(s, a) = F(s, a, z)^T z over FB_OOD_ACTIONS uniform
         actions, minus Q_z at the data's action, per F head. obs (n, obs_dim), F_data (2, n, d), z (n, d)."""
         n, K = len(obs), FB_OOD_ACTIONS
-        act_dim = self.F.heads[0][0].in_features - obs.shape[1] - self.d
-        actions = 2 * torch.rand(K * n, act_dim, generator=self.gen) - 1  # (K n, act_dim) uniform in [-1, 1]
+        actions = 2 * torch.rand(K * n, self.act_dim, generator=self.gen) - 1  # (K n, act_dim) uniform in [-1, 1]
         zk = z.repeat(K, 1)  # (K n, d)
         q_ood = (self.F(obs.repeat(K, 1), actions, zk) * zk).sum(-1).reshape(2, K, n)  # (2, K n) -> (2, K, n)
         q_data = (F_data * z).sum(-1)  # (2, n)
@@ -2081,10 +2080,11 @@ PEER_TIMESTEPS = (200, 500)  # of 1000 training timesteps: low and mid noise, wh
                              # since each costs a DiT pass per clip (tadpole's: 1 + len(PRETRAIN_TASKS))
 PEER_SAMPLE_STEPS = 10  # DDIM steps of diffusion-reward's sample (goal videos take --sample-steps, 20)
 ROBOCLIP_FRAMES = 16  # frames of a video that CLIP embeds (S3D, RoboCLIP's encoder, reads 32)
-PEER_STREAM = 4  # the fixed noise is drawn from torch.Generator seeded [seed, PEER_STREAM]: a stream of its own
+PEER_STREAM = 4  # the fixed noise comes from a generator seeded seed * 1_000_003 + PEER_STREAM: a stream of its own
 
 
 def symlog(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) log(1 + |x|): TADPoLe's compression of its two terms."""
     return torch.sign(x) * torch.log1p(x.abs())
 
 
@@ -2113,6 +2113,7 @@ class PeerReward:
 
     @torch.no_grad()
     def raw(self, episode: dict) -> np.ndarray:
+        """The reward of every step of one episode (frames (T+1, H, W, 3)), unstandardised: (T,) float32."""
         frames = hold_frames(episode["frames"], self.args.render_every)  # (T+1, H, W, 3), as E2 reads them
         T = len(frames) - 1
         if self.mode == "roboclip":
@@ -3176,8 +3177,9 @@ def probe_metrics(success_returns: np.ndarray, expert_returns: np.ndarray, explo
 def exploit_probe(args: Args, g: GenerativeReward, goals: list[Goal], held_out: list[dict],
                   rewards: dict[str, list[np.ndarray]], success: np.ndarray, progress: bool = True,
                   peers: dict | None = None) -> dict:
-    """The probe on E6 ("combined"), each of its terms, and the env's dense reward (the control), from the
-    first args.probe_states held-out states; held_out[i] is the expert's episode from state i. Returns
+    """The probe on the rewards --probe-rewards names: E6 ("combined"), each of its terms, the env's dense
+    reward (the control), or a peer's (`peers`: {mode: PeerReward}), from the first args.probe_states held-out
+    states; held_out[i] is the expert's episode from state i. Returns
     {reward: probe_metrics(...) | {"expert_returns", "exploit_returns"}}."""
     from tqdm import tqdm
     scores = {  # the reward under test of one episode from state i, and whether it needs frames
@@ -3322,7 +3324,8 @@ def eval_reward(args: Args, out: Path | None = None, progress: bool = True) -> d
     episodes = ", ".join(f"{n} {b} ({metrics['success_rate'][b]:.0%} successful)"
                          for b, n in metrics["episodes"].items())
     print(f"\n{args.task}: rewards on {len(held_out)} held-out episodes: {episodes} ({metrics['wall_seconds']:.0f} s)")
-    print(f"{'':20s} {'generated goal':^26s} | {'oracle goal':^26s} | auroc, successes vs failed:")
+    print(f"{'':20s} {'given goal' if given is not None else 'generated goal':^26s} | {'oracle goal':^26s} | "
+          "auroc, successes vs failed:")
     print(f"{'reward':20s} {'voc':>6s} {'voc_random':>11s} {'auroc':>6s}  | {'voc':>6s} {'voc_random':>11s} {'auroc':>6s}  | "
           + " ".join(f"{b:>7s}" for b in metrics["auroc_by_failure"]["dense"]))
     for name in curves:
