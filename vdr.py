@@ -1838,7 +1838,7 @@ def train_fb(args: Args, clip, episodes: list[dict], key: dict, progress: bool =
     dims = (episodes[0]["states"].shape[-1], episodes[0]["actions"].shape[-1],
             frame_features(clip, episodes[0]["frames"][:1]).shape[-1])  # obs_dim, act_dim, psi's D
     fb = FB(*dims, seed=args.seed, conservative=args.fb_conservative)
-    fb.cap_data = cap_sample(episodes, args.seed)  # what --fb-cap measures F's range on (section 7)
+    fb.cap_data = cap_sample(episodes, args.seed)  # what --fb-cap measures F's range on (above)
     if path.exists():
         fb.load_state_dict(load_checkpoint(path))
         return fb
@@ -1930,7 +1930,8 @@ class GenerativeReward:
             "explore_obs": torch.as_tensor(np.stack([ep["states"][:-1] for ep in exploratory])),  # (N, T, obs_dim)
             "explore_actions": torch.as_tensor(np.stack([ep["actions"] for ep in exploratory])),  # (N, T, act_dim)
             "explore_features": torch.stack([self.features(ep) for ep in exploratory]),  # (N, T+1, D)
-            **{"cap_" + k: v for k, v in getattr(fb, "cap_data", cap_sample(exploratory, args.seed)).items()}}
+            **{"cap_" + k: v for k, v in (fb.cap_data if hasattr(fb, "cap_data") else
+                                          cap_sample(exploratory, args.seed)).items()}}
         if "cap_obs" not in state:  # a reward.pt of an older vdr: its exploratory steps stand in for FB's data
             state = state | {"cap_obs": state["explore_obs"].flatten(0, 1),
                              "cap_actions": state["explore_actions"].flatten(0, 1)}
@@ -1969,8 +1970,7 @@ class GenerativeReward:
     def value(self, obs: torch.Tensor, actions: torch.Tensor, goal: Goal) -> np.ndarray:
         """E5's value r_fb = min_k F_k(s, a, z*)^T z* for (n, obs_dim), (n, act_dim) -> (n,), capped with --fb-cap
         at the highest value F gives its training data for this goal (goal.stats["r_fb_cap"])."""
-        r = self.fb.reward(obs, actions, goal.features).numpy()
-        return np.minimum(r, goal.stats["r_fb_cap"]) if self.args.fb_cap else r
+        return np.minimum(self.fb.reward(obs, actions, goal.features).numpy(), goal.stats["r_fb_cap"])
 
     @torch.no_grad()
     def goal(self, video: np.ndarray, known: Goal | None = None) -> Goal:
@@ -1987,14 +1987,15 @@ class GenerativeReward:
         times = scored_steps(T, self.args.reward_every)
         r_video = np.stack([hold(times, latent_similarity(z, latents, self.reference), T)
                             for z in self.explore_latents])  # (N, T)
-        cap = float(self.fb.reward(self.cap_obs, self.cap_actions, features).max())  # --fb-cap's ceiling
+        cap = (float(self.fb.reward(self.cap_obs, self.cap_actions, features).max()) if self.args.fb_cap
+               else math.inf)  # --fb-cap's ceiling; none without it
         if self.args.fb_reward in ("shaping", "kernel"):
             phi = self.fb.potential(self.explore_features.flatten(0, 1), features).reshape(N, T + 1)  # (N, T+1)
             r_fb = fb_potential_reward(phi, self.args).numpy()  # (N, T)
         else:
             r_fb = self.fb.reward(self.explore_obs.flatten(0, 1), self.explore_actions.flatten(0, 1),
                                   features).numpy().reshape(N, T)  # (N*T,) -> (N, T)
-            r_fb = np.minimum(r_fb, cap) if self.args.fb_cap else r_fb
+            r_fb = np.minimum(r_fb, cap)
         stats = {name: (r.mean(0), float((r - r.mean(0)).std()) + 1e-8)  # mu(t): (T,), pooled sigma
                  for name, r in (("r_video", r_video), ("r_fb", r_fb))} | {"r_fb_cap": cap}
         return Goal(video, latents, index, scores, features, stats)
