@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 132-2931)                                                              line lines
+Part I, the method (lines 132-2932)                                                              line lines
    1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   202
    2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      340   288
    3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    628   801
    4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1429   115
    5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1544    31
    6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1575   309
-   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1884   298
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2182   213
-   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2395   431
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2826   106
-Part II, experiments and extensions (lines 2933-4085)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2939   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3039   347
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3386   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3524   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3693   315
-  16. Command line     one command per stage; every Args field is a flag                           4008    78
+   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1884   299
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2183   213
+   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2396   431
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2827   106
+Part II, experiments and extensions (lines 2934-4086)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2940   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3040   347
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3387   138
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3525   169
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3694   315
+  16. Command line     one command per stage; every Args field is a flag                           4009    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
