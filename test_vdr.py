@@ -1170,6 +1170,9 @@ def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):
     assert all(f"{p}_seconds" in rows[0] for p in vdr.REWARD_COST_PARTS)  # the reward's cost, in parts
     summary = (tmp_path / "bench" / "summary.md").read_text()
     assert "| reach-v3 |" in summary and "| dense |" in summary and "| sparse |" in summary
+    rets = {m: [float(r.split(",")[4]) for r in rows[1:] if f",{m}," in r] for m in ("dense", "sparse")}
+    ratio = np.mean(rets["sparse"]) / np.mean(rets["dense"])  # the paper's metric: return, and its ratio to dense
+    assert f"{np.mean(rets['sparse']):.1f} ± {np.std(rets['sparse']):.1f} ({ratio:.2f}x)" in summary
     assert (tmp_path / "bench" / "curves_reach-v3.png").stat().st_size > 1000
     assert vdr.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out  # finished runs are skipped
 
