@@ -605,6 +605,25 @@ def test_fb_reward_shape_and_goal_z_on_the_sphere():
     assert r.shape == (7,)
 
 
+def test_fb_advantage_pays_the_action_not_the_state():
+    """--fb-reward advantage: Q(s, a) minus Q's mean over the fixed baseline actions, so a state's value,
+    however high, is paid nothing on average over them; the same (s, a) gets the same reward on every call."""
+    torch.manual_seed(0)
+    fb = vdr.FB(obs_dim=5, act_dim=2, feature_dim=3, d=8, hidden=16)
+    obs, goal = torch.randn(4, 5), torch.randn(3)
+    baseline = 2 * torch.rand(vdr.FB_ADV_ACTIONS, 2, generator=torch.Generator().manual_seed(0)) - 1
+    at_baseline = torch.stack([fb.advantage(obs, a.expand(4, 2), goal) for a in baseline])  # (K, 4)
+    assert at_baseline.mean(0).abs().max() < 1e-4  # every state's own value cancels
+    assert not torch.allclose(at_baseline, torch.zeros_like(at_baseline))  # and the actions still differ
+    a = torch.rand(4, 2) * 2 - 1
+    assert torch.equal(fb.advantage(obs, a, goal), fb.advantage(obs, a, goal))
+    q = fb.reward(obs, a, goal)
+    shifted = fb.advantage(obs, a, goal) - q  # minus the state's baseline value, which the action does not move
+    assert torch.allclose(shifted, fb.advantage(obs, -a, goal) - fb.reward(obs, -a, goal))
+    with pytest.raises(vdr.VdrError, match="--fb-cap caps F's value"):
+        vdr.check_args(vdr.make_args(fb_cap=True, fb_reward="advantage"))
+
+
 def test_fb_init_is_seeded_and_leaves_the_global_random_stream_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -654,7 +673,8 @@ def fake_episode(rng, T=20, size=64):
             "env_rewards": rng.random(T).astype(np.float32), "success": np.zeros(T, bool)}
 
 
-@pytest.mark.parametrize("centre,fb_reward", [(True, "value"), (False, "value"), (False, "shaping")])
+@pytest.mark.parametrize("centre,fb_reward", [(True, "value"), (False, "value"), (False, "shaping"),
+                                              (False, "advantage")])
 def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centre, fb_reward):
     from diffusers import AutoencoderKLCogVideoX
     torch.manual_seed(0)

@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 132-2932)                                                              line lines
-   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   202
-   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      340   288
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    628   801
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1429   115
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1544    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1575   309
-   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1884   299
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2183   213
-   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2396   431
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2827   106
-Part II, experiments and extensions (lines 2934-4086)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2940   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3040   347
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3387   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3525   169
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3694   315
-  16. Command line     one command per stage; every Args field is a flag                           4009    78
+Part I, the method (lines 132-2955)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   205
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      343   288
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    631   801
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1432   115
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1547    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1578   324
+   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1902   304
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2206   213
+   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2419   431
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2850   106
+Part II, experiments and extensions (lines 2957-4122)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2963   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3063   347
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3410   138
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3548   182
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3730   315
+  16. Command line     one command per stage; every Args field is a flag                           4045    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -198,8 +198,9 @@ class Args:
                                 "paper: 128 of 500)")
     render_every: int = arg(5, "the reward's frames are rendered every this many env steps (and at the episode's "
                                "end) and held in between (section 4); FB's replay keeps the rendered steps")
-    fb_reward: str = arg("value", "E5: 'value', F(s,a,z*)^T z* (the paper's); 'shaping', gamma Phi(o') - Phi(o), "
-                                  "or 'kernel', Phi(o'), with Phi(o) = B(psi(o))^T z* (section 6)")
+    fb_reward: str = arg("value", "E5: 'value', F(s,a,z*)^T z* (the paper's); 'advantage', its excess over "
+                                  "uniform actions' at s; 'shaping', gamma Phi(o') - Phi(o), or 'kernel', Phi(o'), "
+                                  "with Phi(o) = B(psi(o))^T z* (section 6)")
     fb_steps: int = arg(3000, "training steps of the offline FB (section 6), which eval-reward judges and RL pays from")
     fb_batch: int = arg(256, "FB transitions per step (published: 1024; 256 keeps CPU steps ~4x cheaper)")
     explore_episodes: int = arg(20, "random and noisy-expert episodes in the offline FB's data (section 6)")
@@ -309,6 +310,8 @@ def check_args(args: Args) -> None:
         check(args)
     if args.fb_reward not in FB_REWARDS:
         raise VdrError(f"unknown --fb-reward {args.fb_reward!r}; choose one of: {', '.join(FB_REWARDS)}")
+    if args.fb_cap and args.fb_reward != "value":
+        raise VdrError(f"--fb-cap caps F's value; use it with --fb-reward value, not {args.fb_reward!r}")
     if args.video_clip not in VIDEO_CLIP_MODES:
         raise VdrError(f"unknown --video-clip {args.video_clip!r}; choose one of: {', '.join(VIDEO_CLIP_MODES)}")
     for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes", "fb_steps",
@@ -1628,7 +1631,12 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 # the probe's plans, which still beat the expert: they hold a state F rates near the top of its data's
 # range for most of the episode, where the expert spends only the steps after it arrives. A per-step
 # value pays that, whatever bounds its range.
-FB_REWARDS = ("value", "shaping", "kernel")
+# --fb-reward advantage pays what the action adds to the state's value instead of the value itself,
+#     Q(s, a) = min_k F_k(s, a, z*)^T z*,    r_fb(s, a) = Q(s, a) - mean_j Q(s, a_j),
+# a_j FB_ADV_ACTIONS fixed actions drawn once from U[-1, 1]^A: its mean over those actions is 0 at every
+# state, so holding a state F rates highly is paid nothing for the state, and a policy that maximises it
+# step by step takes F's greedy action, FB's own policy for z* (pi_z*(s) = argmax_a F(s, a, z*)^T z*).
+FB_REWARDS = ("value", "advantage", "shaping", "kernel")
 FB_DIM = 64  # d, published
 FB_HIDDEN = 512  # published
 FB_LR = 1e-4  # published (Adam)
@@ -1636,6 +1644,7 @@ FB_ORTHO = 1.0  # lambda_ortho, published
 FB_TAU = 0.01  # target soft update, published
 FB_OOD_ACTIONS = 8  # uniform actions per state in --fb-conservative's soft maximum
 FB_CAP_SAMPLES = 4096  # (state, action) pairs of FB's data on which --fb-cap takes F's highest value
+FB_ADV_ACTIONS = 16  # uniform actions whose mean value is --fb-reward advantage's baseline (Meta-World's A = 4)
 FB_Z_FROM_B = 0.5  # share of training z's that are B of a batch frame (controllable_agent's and Meta Motivo's 0.5)
 FB_GAMMA = 0.98  # horizon ~50 steps: the scripted experts reach the goal in 30-90 steps (FB's own papers
                  # use 0.98 for goal reaching)
@@ -1771,6 +1780,15 @@ class FB(nn.Module):
         """E5: r_fb = min_k F_k(s, a, z*)^T z* for a batch (n, obs_dim), (n, act_dim) -> (n,)."""
         z = self.goal_z(goal_features).expand(len(obs), -1)  # (n, d)
         return (self.F(obs, actions, z) * z).sum(-1).min(0).values  # (n,)
+
+    @torch.no_grad()
+    def advantage(self, obs: torch.Tensor, actions: torch.Tensor, goal_features: torch.Tensor) -> torch.Tensor:
+        """--fb-reward advantage: Q(s, a) - mean_j Q(s, a_j), Q = E5's value, (n, obs_dim), (n, act_dim) -> (n,).
+        The a_j are the same FB_ADV_ACTIONS actions at every call, so the reward is a function of (s, a)."""
+        n, K = len(obs), FB_ADV_ACTIONS
+        baseline = 2 * torch.rand(K, self.act_dim, generator=torch.Generator().manual_seed(0)) - 1  # (K, act_dim)
+        q_base = self.reward(obs.repeat_interleave(K, 0), baseline.repeat(n, 1), goal_features)  # (n K,)
+        return self.reward(obs, actions, goal_features) - q_base.reshape(n, K).mean(1)  # (n K,) -> (n, K) -> (n,)
 
     @torch.no_grad()
     def potential(self, features: torch.Tensor, goal_features: torch.Tensor) -> torch.Tensor:
@@ -1969,8 +1987,13 @@ class GenerativeReward:
 
     def value(self, obs: torch.Tensor, actions: torch.Tensor, goal: Goal) -> np.ndarray:
         """E5's value r_fb = min_k F_k(s, a, z*)^T z* for (n, obs_dim), (n, act_dim) -> (n,), capped with --fb-cap
-        at the highest value F gives its training data for this goal (goal.stats["r_fb_cap"])."""
-        return np.minimum(self.fb.reward(obs, actions, goal.features).numpy(), goal.stats["r_fb_cap"])
+        at the highest value F gives its training data for this goal (goal.stats["r_fb_cap"]), or with
+        --fb-reward advantage its excess over uniform actions'."""
+        return np.minimum(self.fb_pairs(obs, actions, goal.features).numpy(), goal.stats["r_fb_cap"])
+
+    def fb_pairs(self, obs: torch.Tensor, actions: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """r_fb of (state, action) pairs, uncapped: F's value, or its advantage (--fb-reward advantage)."""
+        return (self.fb.advantage if self.args.fb_reward == "advantage" else self.fb.reward)(obs, actions, features)
 
     @torch.no_grad()
     def goal(self, video: np.ndarray, known: Goal | None = None) -> Goal:
@@ -1993,8 +2016,8 @@ class GenerativeReward:
             phi = self.fb.potential(self.explore_features.flatten(0, 1), features).reshape(N, T + 1)  # (N, T+1)
             r_fb = fb_potential_reward(phi, self.args).numpy()  # (N, T)
         else:
-            r_fb = self.fb.reward(self.explore_obs.flatten(0, 1), self.explore_actions.flatten(0, 1),
-                                  features).numpy().reshape(N, T)  # (N*T,) -> (N, T)
+            r_fb = self.fb_pairs(self.explore_obs.flatten(0, 1), self.explore_actions.flatten(0, 1),
+                                 features).numpy().reshape(N, T)  # (N*T,) -> (N, T)
             r_fb = np.minimum(r_fb, cap)
         stats = {name: (r.mean(0), float((r - r.mean(0)).std()) + 1e-8)  # mu(t): (T,), pooled sigma
                  for name, r in (("r_video", r_video), ("r_fb", r_fb))} | {"r_fb_cap": cap}
@@ -3186,7 +3209,7 @@ def exploit_probe(args: Args, g: GenerativeReward, goals: list[Goal], held_out: 
     scores = {  # the reward under test of one episode from state i, and whether it needs frames
         "combined": (lambda ep, i: g.reward(ep, goals[i]).sum(), True),
         "r_video": (lambda ep, i: g.terms(ep, goals[i])["r_video"].sum(), True),
-        "r_fb": (lambda ep, i: g.r_fb(ep, goals[i]).sum(), args.fb_reward != "value"),
+        "r_fb": (lambda ep, i: g.r_fb(ep, goals[i]).sum(), args.fb_reward in ("shaping", "kernel")),
         "dense": (lambda ep, i: ep["env_rewards"].sum(), False),
         **{m: (lambda ep, i, p=p: p.raw(ep).sum(), True) for m, p in (peers or {}).items()}}
     n, out = min(args.probe_states, args.eval_videos), {}
