@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 132-2955)                                                              line lines
+Part I, the method (lines 132-2959)                                                              line lines
    1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   205
    2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      343   288
    3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    631   801
    4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1432   115
    5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1547    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1578   324
-   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1902   304
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2206   213
-   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2419   431
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2850   106
-Part II, experiments and extensions (lines 2957-4122)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2963   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3063   347
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3410   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3548   182
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3730   315
-  16. Command line     one command per stage; every Args field is a flag                           4045    78
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1578   328
+   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1906   304
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2210   213
+   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2423   431
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2854   106
+Part II, experiments and extensions (lines 2961-4126)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2967   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3067   347
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3414   138
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3552   182
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3734   315
+  16. Command line     one command per stage; every Args field is a flag                           4049    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -1636,6 +1636,10 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 # a_j FB_ADV_ACTIONS fixed actions drawn once from U[-1, 1]^A: its mean over those actions is 0 at every
 # state, so holding a state F rates highly is paid nothing for the state, and a policy that maximises it
 # step by step takes F's greedy action, FB's own policy for z* (pi_z*(s) = argmax_a F(s, a, z*)^T z*).
+# Measured (assets/RESULTS.md, section 4.7): it ranks episodes at chance (AUROC 0.33 on reach-v3, 0.52 on
+# button-press-v3), since F barely prefers the expert's actions to random ones along the expert's path,
+# and the probe beats the expert as often as with the value: plans that take the actions F prefers are
+# paid more than the task. Off by default.
 FB_REWARDS = ("value", "advantage", "shaping", "kernel")
 FB_DIM = 64  # d, published
 FB_HIDDEN = 512  # published
