@@ -624,6 +624,20 @@ def test_fb_advantage_pays_the_action_not_the_state():
         vdr.check_args(vdr.make_args(fb_cap=True, fb_reward="advantage"))
 
 
+def test_fb_record_pays_reaching_once_and_holding_nothing():
+    """--fb-reward record: the rises of the value's running maximum, never negative, summing to the episode's
+    best value minus its first; a value held, or fallen back to, pays nothing."""
+    q = np.array([[1.0, 3.0, 3.0, 2.0, 5.0, 5.0], [2.0, 1.0, 0.0, 0.0, 0.0, 0.0]])  # (N, T)
+    np.testing.assert_array_equal(vdr.record_gain(q), [[0, 2, 0, 0, 2, 0], [0, 0, 0, 0, 0, 0]])
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(3, 50))
+    r = vdr.record_gain(q)
+    assert (r >= 0).all() and np.allclose(r.sum(-1), q.max(-1) - q[:, 0])
+    parked = np.concatenate([q[:, :10], np.repeat(q[:, 9:10], 40, 1)], 1)  # reach s_9, then hold it
+    assert np.allclose(vdr.record_gain(parked).sum(-1), vdr.record_gain(q[:, :10]).sum(-1))
+    vdr.check_args(vdr.make_args(fb_cap=True, fb_reward="record"))  # the cap bounds the value it reads
+
+
 def test_fb_init_is_seeded_and_leaves_the_global_random_stream_alone():
     torch.manual_seed(123)
     expected = torch.rand(3)
@@ -674,7 +688,7 @@ def fake_episode(rng, T=20, size=64):
 
 
 @pytest.mark.parametrize("centre,fb_reward", [(True, "value"), (False, "value"), (False, "shaping"),
-                                              (False, "advantage")])
+                                              (False, "advantage"), (False, "record")])
 def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centre, fb_reward):
     from diffusers import AutoencoderKLCogVideoX
     torch.manual_seed(0)

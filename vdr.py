@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 132-2959)                                                              line lines
-   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   205
-   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      343   288
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    631   801
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1432   115
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1547    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1578   328
-   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1906   304
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2210   213
-   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2423   431
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2854   106
-Part II, experiments and extensions (lines 2961-4126)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2967   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3067   347
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3414   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3552   182
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3734   315
-  16. Command line     one command per stage; every Args field is a flag                           4049    78
+Part I, the method (lines 132-2975)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   206
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      344   288
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    632   801
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1433   115
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1548    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1579   341
+   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1920   306
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2226   213
+   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2439   431
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2870   106
+Part II, experiments and extensions (lines 2977-4142)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2983   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3083   347
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3430   138
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3568   182
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3750   315
+  16. Command line     one command per stage; every Args field is a flag                           4065    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -199,8 +199,9 @@ class Args:
     render_every: int = arg(5, "the reward's frames are rendered every this many env steps (and at the episode's "
                                "end) and held in between (section 4); FB's replay keeps the rendered steps")
     fb_reward: str = arg("value", "E5: 'value', F(s,a,z*)^T z* (the paper's); 'advantage', its excess over "
-                                  "uniform actions' at s; 'shaping', gamma Phi(o') - Phi(o), or 'kernel', Phi(o'), "
-                                  "with Phi(o) = B(psi(o))^T z* (section 6)")
+                                  "uniform actions' at s; 'record', its new highs along the episode; 'shaping', "
+                                  "gamma Phi(o') - Phi(o), or 'kernel', Phi(o'), with Phi(o) = B(psi(o))^T z* "
+                                  "(section 6)")
     fb_steps: int = arg(3000, "training steps of the offline FB (section 6), which eval-reward judges and RL pays from")
     fb_batch: int = arg(256, "FB transitions per step (published: 1024; 256 keeps CPU steps ~4x cheaper)")
     explore_episodes: int = arg(20, "random and noisy-expert episodes in the offline FB's data (section 6)")
@@ -310,8 +311,8 @@ def check_args(args: Args) -> None:
         check(args)
     if args.fb_reward not in FB_REWARDS:
         raise VdrError(f"unknown --fb-reward {args.fb_reward!r}; choose one of: {', '.join(FB_REWARDS)}")
-    if args.fb_cap and args.fb_reward != "value":
-        raise VdrError(f"--fb-cap caps F's value; use it with --fb-reward value, not {args.fb_reward!r}")
+    if args.fb_cap and args.fb_reward not in ("value", "record"):
+        raise VdrError(f"--fb-cap caps F's value; use it with --fb-reward value or record, not {args.fb_reward!r}")
     if args.video_clip not in VIDEO_CLIP_MODES:
         raise VdrError(f"unknown --video-clip {args.video_clip!r}; choose one of: {', '.join(VIDEO_CLIP_MODES)}")
     for name in ("steps", "episodes", "episode_length", "image_size", "batch_size", "eval_episodes", "fb_steps",
@@ -1640,7 +1641,13 @@ def select_goal_frame(clip, tokenizer, frames: np.ndarray, prompts: list[str]) -
 # button-press-v3), since F barely prefers the expert's actions to random ones along the expert's path,
 # and the probe beats the expert as often as with the value: plans that take the actions F prefers are
 # paid more than the task. Off by default.
-FB_REWARDS = ("value", "advantage", "shaping", "kernel")
+# --fb-reward record pays the value's new highs along the episode, the progress a step makes past the
+# best the episode had reached before it,
+#     r_fb(t) = M_t - M_{t-1},   M_t = max_{tau <= t} Q(s_tau, a_tau),   M_{-1} = Q(s_0, a_0),
+# which is never negative and sums over an episode to max_t Q - Q(s_0, a_0): each state is paid once, when
+# the episode first gets that far, and holding it pays nothing, so the value pays reaching, not parking.
+# It is a function of the episode so far, not of (s, a), as E2's o_{0:t} is.
+FB_REWARDS = ("value", "advantage", "record", "shaping", "kernel")
 FB_DIM = 64  # d, published
 FB_HIDDEN = 512  # published
 FB_LR = 1e-4  # published (Adam)
@@ -1803,6 +1810,13 @@ class FB(nn.Module):
 def shaping(phi: torch.Tensor, gamma: float) -> torch.Tensor:
     """Potential-based shaping gamma Phi(o_{t+1}) - Phi(o_t) along the last axis: (..., T+1) -> (..., T)."""
     return gamma * phi[..., 1:] - phi[..., :-1]
+
+
+def record_gain(q: np.ndarray) -> np.ndarray:
+    """--fb-reward record: each step's rise of the running maximum of q along the last axis, 0 at t = 0:
+    (..., T) -> (..., T), summing to max_t q_t - q_0."""
+    best = np.maximum.accumulate(q, axis=-1)  # M_t: (..., T)
+    return np.diff(best, axis=-1, prepend=best[..., :1])  # M_t - M_{t-1}, M_{-1} = M_0: (..., T)
 
 
 def fb_potential_reward(phi: torch.Tensor, args: Args) -> torch.Tensor:
@@ -1982,12 +1996,13 @@ class GenerativeReward:
         return psi[last_rendered(T, self.args.render_every)]  # (T+1, D)
 
     def r_fb(self, episode: dict, goal: Goal) -> np.ndarray:
-        """E5 for every step of an episode, (T,): F's value at (s_t, a_t), or with --fb-reward shaping
-        gamma Phi(o_{t+1}) - Phi(o_t), or with kernel Phi(o_{t+1}) (section 6)."""
+        """E5 for every step of an episode, (T,): F's value at (s_t, a_t), or with --fb-reward record its new
+        highs, shaping gamma Phi(o_{t+1}) - Phi(o_t), kernel Phi(o_{t+1}) (section 6)."""
         if self.args.fb_reward in ("shaping", "kernel"):
             return fb_potential_reward(self.fb.potential(self.features(episode), goal.features), self.args).numpy()
-        return self.value(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
-                          goal)  # r_fb(s_t, a_t), t = 0..T-1
+        q = self.value(torch.as_tensor(episode["states"][:-1]), torch.as_tensor(episode["actions"]),
+                       goal)  # r_fb(s_t, a_t), t = 0..T-1
+        return record_gain(q) if self.args.fb_reward == "record" else q
 
     def value(self, obs: torch.Tensor, actions: torch.Tensor, goal: Goal) -> np.ndarray:
         """E5's value r_fb = min_k F_k(s, a, z*)^T z* for (n, obs_dim), (n, act_dim) -> (n,), capped with --fb-cap
@@ -2023,6 +2038,7 @@ class GenerativeReward:
             r_fb = self.fb_pairs(self.explore_obs.flatten(0, 1), self.explore_actions.flatten(0, 1),
                                  features).numpy().reshape(N, T)  # (N*T,) -> (N, T)
             r_fb = np.minimum(r_fb, cap)
+            r_fb = record_gain(r_fb) if self.args.fb_reward == "record" else r_fb  # (N, T)
         stats = {name: (r.mean(0), float((r - r.mean(0)).std()) + 1e-8)  # mu(t): (T,), pooled sigma
                  for name, r in (("r_video", r_video), ("r_fb", r_fb))} | {"r_fb_cap": cap}
         return Goal(video, latents, index, scores, features, stats)
