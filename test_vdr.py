@@ -53,6 +53,7 @@ def test_every_args_field_is_a_cli_flag_with_help():
     (["bench", "--bench-seeds", "2,2"], "--bench-seeds must be a count such as 3 or distinct positive seeds"),
     (["report", "--out", "no-such-run"], "report needs --out RUN, the folder of a finished `train` or main job"),
     (["bench", "--bench-seeds", "two"], "--bench-seeds must be a count such as 3 or distinct positive seeds"),
+    (["report", "--report-fb-reward", "peak"], "unknown --report-fb-reward 'peak'; choose one of: value,"),
 ])
 def test_user_errors_are_one_clear_line(argv, message, capsys):
     assert vdr.main(argv) == 2
@@ -1190,6 +1191,15 @@ def test_main_job_runs_the_pipeline_and_writes_the_report(tmp_path, tiny_video_m
     assert saved["report"]["expert"]["success"] in (0.0, 0.5, 1.0)  # a mean over the 2 states' episodes
     for m in saved["report"].values():  # gen: alpha = beta = 1
         assert m["gen_return"] == pytest.approx(m["r_video_std_return"] + m["r_fb_std_return"], rel=1e-4, abs=1e-3)
+    # the same episodes with r_fb scored as --fb-reward record would, from the run's own FB: r_video unchanged
+    assert vdr.main(["report", "--out", str(tmp_path / "run"), "--report-states", "2", "--report-fb-reward", "record"]) == 0
+    assert "r_fb scored as --fb-reward record" in capsys.readouterr().out
+    record = json.loads((tmp_path / "run" / "report_fb-record.json").read_text())
+    assert record["fb_reward"] == "record" and (tmp_path / "run" / "reward_vs_time_fb-record.png").exists()
+    for name, m in record["report"].items():
+        assert m["r_video_std_return"] == pytest.approx(saved["report"][name]["r_video_std_return"], rel=1e-5)
+        assert m["r_fb_std_return"] != pytest.approx(saved["report"][name]["r_fb_std_return"], rel=1e-3)
+    assert json.loads((tmp_path / "run" / "report.json").read_text()) == saved  # the run's own report stays
 
 
 def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):

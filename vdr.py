@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 132-2975)                                                              line lines
-   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   206
-   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      344   288
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    632   801
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1433   115
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1548    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1579   341
-   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1920   306
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2226   213
-   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2439   431
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2870   106
-Part II, experiments and extensions (lines 2977-4142)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2983   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3083   347
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3430   138
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3568   182
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3750   315
-  16. Command line     one command per stage; every Args field is a flag                           4065    78
+Part I, the method (lines 132-2979)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   210
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      348   288
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    636   801
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1437   115
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1552    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1583   341
+   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1924   306
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2230   213
+   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2443   431
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2874   106
+Part II, experiments and extensions (lines 2981-4151)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        2987   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3087   347
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3434   143
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3577   182
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3759   315
+  16. Command line     one command per stage; every Args field is a flag                           4074    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -250,6 +250,8 @@ class Args:
     eval_every: int = arg(5_000, "environment steps between evaluations")
     eval_episodes: int = arg(30, "episodes per evaluation (deterministic actions, held-out initial states)")
     report_states: int = arg(1, "report: held-out initial states whose episodes it averages (its figures: the first)")
+    report_fb_reward: str = arg("", "report: score the episodes with this --fb-reward instead of the run's, to ask "
+                                    "how another r_fb would rank the agent the run trained")
 
 
 PRESETS = {
@@ -311,6 +313,8 @@ def check_args(args: Args) -> None:
         check(args)
     if args.fb_reward not in FB_REWARDS:
         raise VdrError(f"unknown --fb-reward {args.fb_reward!r}; choose one of: {', '.join(FB_REWARDS)}")
+    if args.report_fb_reward and args.report_fb_reward not in FB_REWARDS:
+        raise VdrError(f"unknown --report-fb-reward {args.report_fb_reward!r}; choose one of: {', '.join(FB_REWARDS)}")
     if args.fb_cap and args.fb_reward not in ("value", "record"):
         raise VdrError(f"--fb-cap caps F's value; use it with --fb-reward value or record, not {args.fb_reward!r}")
     if args.video_clip not in VIDEO_CLIP_MODES:
@@ -2697,7 +2701,7 @@ def evaluate(agent: SAC, env: MetaWorld, episodes: int) -> dict[str, float]:
 # Fields that say where a run writes and how `bench` schedules it, not what it computes: a checkpoint resumes
 # under a bench with other tasks, modes, seeds or workers, or from a copied folder.
 NOT_RUN_SETTINGS = ("out", "resume", "bench_tasks", "bench_modes", "bench_seeds", "workers", "report_states",
-                    "slurm", "shipped_toy")  # (a shipped and a trained toy model are the same weights)
+                    "report_fb_reward", "slurm", "shipped_toy")  # (a shipped and a trained toy model are the same weights)
 
 
 def run_settings(fields: dict) -> dict:
@@ -3476,12 +3480,13 @@ def run(args: Args, out: Path | None = None) -> dict:
 
 
 @torch.no_grad()
-def report(args: Args, out: Path) -> dict:
+def report(args: Args, out: Path, tag: str = "") -> dict:
     """The trained agent, the scripted expert and a random policy from --report-states held-out initial
     states (the main job: one). From the first state: the agent's rollout GIF and, in the generative modes, the
     goal video generated from it, E3's goal frame, and each episode's r_video, r_fb and E6 over time against
     that goal. Per behaviour, averaged over the states: success, env return and, in the generative modes, E6's
-    return and each term's standardised return (before E6's weights). -> {"report": {behaviour: {...}}}."""
+    return and each term's standardised return (before E6's weights). -> {"report": {behaviour: {...}}}.
+    `tag` goes into the name of the one figure that depends on the reward's settings."""
     with make_env(args) as env:
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
         agent = SAC(obs_dim, act_dim, args)
@@ -3518,7 +3523,7 @@ def report(args: Args, out: Path) -> dict:
             if i == 0:
                 save_gif(np.repeat(np.repeat(goal.video, 2, axis=1), 2, axis=2), out / "goal_video.gif")
                 plot_goal_frames([goal], out / "goal_frame.png")
-                plot_reward_vs_time(curves, out / "reward_vs_time.png", args.task)
+                plot_reward_vs_time(curves, out / f"reward_vs_time{tag}.png", args.task)
     return {"report": {name: {k: float(np.mean([row[name][k] for row in rows])) for k in rows[0][name]}
                        for name in rows[0]}}
 
@@ -3534,10 +3539,14 @@ def report_run(args: Args, out: Path | None = None) -> dict:
     known = {f.name for f in dataclasses.fields(Args)}  # a folder from an older vdr may hold retired fields
     run_args = make_args(**{k: v for k, v in stored.items() if k in known} |
                          dict(report_states=args.report_states, device=args.device))
+    tag = ""
+    if args.report_fb_reward and args.report_fb_reward != run_args.fb_reward:  # the same FB, another r_fb
+        run_args, tag = dataclasses.replace(run_args, fb_reward=args.report_fb_reward), f"_fb-{args.report_fb_reward}"
     print(f"report of {out}, with the run's settings (its args.json): task {run_args.task}, reward {run_args.reward}, "
-          f"seed {run_args.seed}")
-    result = report(run_args, out)["report"]
-    write_json(out / "report.json", {"held_out_states": run_args.report_states, "report": result})
+          f"seed {run_args.seed}" + (f"; r_fb scored as --fb-reward {run_args.fb_reward}" if tag else ""))
+    result = report(run_args, out, tag)["report"]
+    write_json(out / f"report{tag}.json", {"held_out_states": run_args.report_states,
+                                           "fb_reward": run_args.fb_reward, "report": result})
     columns = [k for k in ("success", "env_return", "r_video_std_return", "r_fb_std_return", "gen_return")
                if k in result["agent"]]
     weights = " (alpha, beta = {:g}, {:g})".format(*e6_weights(run_args)) if "gen_return" in columns else ""
