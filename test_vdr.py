@@ -118,6 +118,21 @@ def test_frames_are_right_side_up():
     assert len(ids) >= 10 and spearman < -0.5, spearman  # upside-down frames give a positive correlation
 
 
+def test_zoom_is_the_centre_of_a_larger_render_and_keys_only_the_task_caches(tmp_path):
+    with vdr.MetaWorld("reach-v3", image_size=96) as big, vdr.MetaWorld("reach-v3", image_size=48, zoom=2) as zoomed:
+        big.reset(seed=3), zoomed.reset(seed=3)
+        centre, crop = big.render()[24:72, 24:72].astype(float), zoomed.render().astype(float)  # (48, 48, 3) each
+    with vdr.MetaWorld("reach-v3", image_size=48) as full:
+        full.reset(seed=3)
+        whole = full.render().astype(float)
+    assert np.abs(crop - centre).mean() < 0.2 * np.abs(crop - whole).mean()  # a crop of the 2x view, not the full one
+    args = tiny_args(tmp_path, zoom=2.0)
+    assert vdr.data_key(args)["zoom"] == 2.0 and "zoom" not in vdr.data_key(args, "pretrain")
+    assert "zoom" not in vdr.data_key(tiny_args(tmp_path))  # unzoomed caches keep their keys
+    with pytest.raises(vdr.VdrError, match="--zoom"):
+        vdr.check_args(tiny_args(tmp_path, zoom=0.5))
+
+
 def test_reset_seed_gives_reproducible_distinct_initial_states():
     with vdr.MetaWorld("reach-v3") as env:
         a, _ = env.reset(seed=3)
@@ -1021,13 +1036,15 @@ def test_one_term_modes_hold_exploring_back_then_pay_the_standardised_term(tmp_p
     assert metrics["reward_seconds_by_part"]["scoring"] > 0 and metrics["reward_seconds_by_part"]["goal_video"] == 0
 
 
-def test_term_reward_standardises_on_the_steps_where_the_term_varies():
+def test_term_reward_standardises_on_the_steps_where_the_term_varies(tmp_path):
     rng = np.random.default_rng(0)
     sparse = [{"r": np.r_[np.zeros(9), rng.normal(3, 2)]} for _ in range(50)]  # paid at the last step only
     term = vdr.TermReward(lambda ep: ep["r"], sparse)
     z = np.stack([term(ep) for ep in sparse])  # (50, 10)
     assert np.allclose(z[:, :-1], 0) and abs(z[:, -1].mean()) < 1e-6 and z[:, -1].std() == pytest.approx(1, rel=1e-3)
-    assert vdr.TermReward(term.raw, state=term.state_dict())(sparse[0]) == pytest.approx(z[0])  # resumes
+    path = tmp_path / "term.pt"  # resumes from a checkpoint that loads as a resumed run loads it
+    torch.save(term.state_dict(), path)
+    assert vdr.TermReward(term.raw, state=torch.load(path, weights_only=True))(sparse[0]) == pytest.approx(z[0])
 
 
 @pytest.fixture(scope="module")
@@ -1129,11 +1146,20 @@ def test_fb_demos_put_the_expert_demos_in_fbs_replay_and_only_then(tmp_path, tin
     assert vdr.EpisodeRewards(dataclasses.replace(args, fb_demos=False), 39, 4).fb_parts == []  # the paper's
 
 
+def test_a_run_gives_the_same_numbers_with_its_caches_cold_or_warm(tmp_path, tiny_video_models):
+    # A cold cache trains the video models and FB inside the run (each stage seeds torch's generator);
+    # the RL that follows must draw the same numbers as when they load from the cache.
+    settings = dict(cache_dir=str(tmp_path / "cold"), reward="gen", fb_warmup=3, fb_every=2)
+    cold = vdr.train(video_args(tmp_path, out=str(tmp_path / "a"), **settings), progress=False)
+    warm = vdr.train(video_args(tmp_path, out=str(tmp_path / "b"), **settings), progress=False)
+    assert cold["curve"] == warm["curve"]
+
+
 class Interrupted(Exception):
     pass
 
 
-@pytest.mark.parametrize("mode,fb_online", [("dense", False), ("gen", False), ("gen", True)])
+@pytest.mark.parametrize("mode,fb_online", [("dense", False), ("gen", False), ("gen", True), ("clip-text+dense", False)])
 def test_resume_ends_where_an_uninterrupted_run_ends(tmp_path, tiny_video_models, video_cache, monkeypatch, mode,
                                                      fb_online):
     settings = dict(cache_dir=video_cache, reward=mode, fb_online=fb_online, fb_warmup=3, fb_every=2, fb_freeze=200)

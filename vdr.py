@@ -30,24 +30,24 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 132-2985)                                                              line lines
-   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       138   210
-   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      348   288
-   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    636   801
-   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1437   115
-   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1552    31
-   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1583   347
-   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1930   306
-   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2236   213
-   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2449   431
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2880   106
-Part II, experiments and extensions (lines 2987-4157)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        2993   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3093   347
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3440   143
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3583   182
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3765   315
-  16. Command line     one command per stage; every Args field is a flag                           4080    78
+Part I, the method (lines 133-3017)                                                              line lines
+   1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       139   214
+   2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      353   295
+   3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    648   819
+   4. Video reward     E2: cosine of the agent's clip and the goal video in VAE latent space       1467   115
+   5. Goal frame       E3: the goal video's frame CLIP scores highest against the goal prompt      1582    31
+   6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1613   347
+   7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1960   306
+   8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2266   213
+   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2479   431
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2910   108
+Part II, experiments and extensions (lines 3019-4189)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        3025   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3125   347
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3472   143
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3615   182
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3797   315
+  16. Command line     one command per stage; every Args field is a flag                           4112    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -80,6 +80,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -159,6 +160,8 @@ class Args:
     # --- environment (section 2) ---
     image_size: int = arg(64, "side of the square frames the reward sees, in pixels")
     camera: str = arg("corner", "Meta-World camera the frames are rendered from (the paper's)")
+    zoom: float = arg(1.0, "Meta-World: the camera's field of view narrowed this many times, i.e. the frames "
+                           "rendered zoom x larger and cropped to their centre, the workspace (section 2)")
     episode_length: int = arg(150, "env steps per episode (the scripted experts finish in ~45-90)")
     episodes: int = arg(20, "expert demo episodes to collect per task")
     distraction: str = arg("none", "dm_control tasks: DCS distractions, none, all, or some of color,camera,background")
@@ -323,6 +326,8 @@ def check_args(args: Args) -> None:
                  "fb_batch", "reward_every", "explore_episodes", "fb_every", "workers", "report_states", "render_every"):
         if getattr(args, name) <= 0:
             raise VdrError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.zoom < 1 or (args.zoom != 1 and task_suite(args.task)):
+        raise VdrError(f"--zoom {args.zoom}: give 1 or more, and only for Meta-World tasks (a suite has its own views)")
     if args.goal_pool < 0:
         raise VdrError(f"--goal-pool must be 0 (a fresh initial state per episode) or positive, got {args.goal_pool}")
     if args.video_frames % 8 != 1:  # 4k+1 frames -> k+1 latent frames, and k+1 must be odd (see section 3)
@@ -428,7 +433,8 @@ class MetaWorld:
     info["success"]: 1.0 when the task is solved at this step.  render(): (H, W, 3) uint8 frame.
     """
 
-    def __init__(self, task: str, image_size: int = 64, camera: str = "corner", episode_length: int = 150):
+    def __init__(self, task: str, image_size: int = 64, camera: str = "corner", episode_length: int = 150,
+                 zoom: float = 1.0):
         import metaworld
         import mujoco
 
@@ -456,6 +462,12 @@ class MetaWorld:
                            "set MUJOCO_GL=egl (or osmesa) in the shell, or import vdr before mujoco") from None
         self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_SHADOW] = 0
         self.renderer.scene.flags[mujoco.mjtRndFlag.mjRND_REFLECTION] = 0
+        if zoom != 1:  # narrow the camera's field of view: tan(fovy/2) shrinks zoom times, so the image is the
+            # central 1/zoom of the full view rendered zoom x larger. The corner camera looks at the workspace,
+            # whose goals stay inside at zoom 2 (reach-v3's goal box projects to at least 12 px from any edge)
+            cam = self.sawyer.model.camera(camera).id
+            fovy = np.radians(self.sawyer.model.cam_fovy[cam])
+            self.sawyer.model.cam_fovy[cam] = np.degrees(2 * np.arctan(np.tan(fovy / 2) / zoom))
 
     def reset(self, seed: int | None = None, options: dict | None = None):
         if seed is not None:  # Meta-World ignores reset(seed=...): it reads its own seeded generator
@@ -495,7 +507,7 @@ def make_env(args: Args):
     """The task's environment: a MetaWorld, or the env of the suite that holds the task (TASK_SUITES)."""
     if suite := task_suite(args.task):
         return suite.make_env(args)
-    return MetaWorld(args.task, args.image_size, args.camera, args.episode_length)
+    return MetaWorld(args.task, args.image_size, args.camera, args.episode_length, args.zoom)
 
 
 def expert_policy(task: str, args: Args | None = None):
@@ -915,6 +927,17 @@ def load_pretrained(cls, path, what: str, **kwargs):
                        "check the name or folder, or delete a corrupt cache folder and run again") from None
 
 
+def own_random_stream(stage):
+    """For a cached stage that trains (it seeds torch's global generator itself): run it in a fork of that
+    generator, so that a cache miss leaves the caller's random stream as a cache hit does, and a run gives the
+    same numbers whether its caches were cold or warm."""
+    @functools.wraps(stage)
+    def forked(*args, **kwargs):
+        with torch.random.fork_rng():
+            return stage(*args, **kwargs)
+    return forked
+
+
 def fit(model: nn.Module, loss_fn, steps: int, lr: float, seed: int, state: Path, desc: str,
         progress: bool = True) -> list[float]:
     """The one training loop of the video models: AdamW on loss_fn(gen) for `steps` steps, with a linear
@@ -976,6 +999,7 @@ def clip_batch(data: dict, gen: torch.Generator):
     return np.stack(frames), texts
 
 
+@own_random_stream
 def train_clip(args: Args, demos: dict[str, dict], progress: bool = True, init: Path | None = None) -> Path:
     """Train the toy CLIP on demo frames and their stage captions (cached), from scratch or, with `init`,
     on from those weights (finetuning on a new domain). Returns the weights path."""
@@ -1014,6 +1038,7 @@ VAE_BATCH = 4  # windows per step: 36 frames
 # seed makes. (float32 kernels still round differently with their vector width: assets/RESULTS.md, 13.)
 
 
+@own_random_stream
 def train_vae(args: Args, videos: dict[str, np.ndarray], progress: bool = True, init: Path | None = None) -> Path:
     """Train the toy VAE on random VAE_CLIP-frame windows of the training videos (cached, resumable), from
     scratch or, with `init` (a saved VAE folder), on from it.
@@ -1181,6 +1206,7 @@ def pretrain_key(args: Args) -> dict:
     return json.loads(json.dumps(key))  # as key.json reads back (tuples become lists)
 
 
+@own_random_stream
 def pretrain(args: Args, out: Path | None = None, progress: bool = True) -> Path:
     """CLI `pretrain` (toy model): the shipped model where its settings match (see SHIPPED_TOY); otherwise
     demos of PRETRAIN_TASKS -> the small CLIP, the VAE, then the DiT on all tasks' videos. Each stage is
@@ -1189,6 +1215,7 @@ def pretrain(args: Args, out: Path | None = None, progress: bool = True) -> Path
     if args.video_model != "toy":
         raise VdrError("`pretrain` trains the toy model; a pretrained --video-model needs only `finetune`")
     t0 = time.time()
+    args = dataclasses.replace(args, zoom=1.0)  # the prior sees the full view; finetuning adapts it to a zoom
     key = pretrain_key(args)
     path = cache_path(args, "video", "", **key)
     shipped = SHIPPED_TOY / "key.json"
@@ -1218,6 +1245,7 @@ def pretrain(args: Args, out: Path | None = None, progress: bool = True) -> Path
     return path
 
 
+@own_random_stream
 def finetune(args: Args, out: Path | None = None, progress: bool = True) -> Path:
     """CLI `finetune`: the pretrained video model finetuned on args.task's demo videos (E1), cached.
     Toy: the whole DiT continues training; paper (a named --video-model): LoRA adapters on its DiT."""
@@ -1228,9 +1256,10 @@ def finetune(args: Args, out: Path | None = None, progress: bool = True) -> Path
         path = finetune_lora(args, videos, progress)
     else:
         base = pretrain(args, progress=progress)
-        # A task pretraining never showed (a dm_control task above all, which looks nothing like Meta-World):
-        # the toy VAE and CLIP continue on its demos too (clip_steps, vae_steps), then the DiT does.
-        new_domain = {} if args.task in PRETRAIN_TASKS else {
+        # A task pretraining never showed (a dm_control task above all, which looks nothing like Meta-World),
+        # or a --zoom'd view of one: the toy VAE and CLIP continue on its demos too (clip_steps, vae_steps),
+        # then the DiT does.
+        new_domain = {} if args.task in PRETRAIN_TASKS and args.zoom == 1 else {
             "clip": train_clip(args, {args.task: demos}, progress, init=base / "clip.safetensors"),
             "vae": train_vae(args, videos, progress, init=base / "vae")}
         path = cache_path(args, "video", "", task=args.task, base=base.name, episodes=args.episodes,
@@ -1292,6 +1321,7 @@ def lora_path(args: Args) -> Path:
                       frames=args.video_frames, **data_key(args))
 
 
+@own_random_stream
 def finetune_lora(args: Args, videos: dict[str, np.ndarray], progress: bool = True) -> Path:
     """E1 with LoRA (rank args.lora_rank) on the pretrained DiT; VAE, T5 and the DiT's weights frozen.
     Saves the adapters with diffusers' save_lora_weights. Memory: see the README (paper preset)."""
@@ -2515,10 +2545,10 @@ class TermReward:
             r = np.stack([raw(ep) for ep in exploratory])  # (N, T)
             dev = r - r.mean(0)  # (N, T)
             state = {"mu": r.mean(0), "sigma": float(dev[:, np.abs(dev).sum(0) > 0].std()) + 1e-8}
-        self.mu, self.sigma = state["mu"], state["sigma"]
+        self.mu, self.sigma = np.asarray(state["mu"]), state["sigma"]  # (T,): a fitted array or a saved tensor
 
-    def state_dict(self) -> dict:
-        return {"mu": self.mu, "sigma": self.sigma}
+    def state_dict(self) -> dict:  # torch, not numpy: a checkpoint loads with torch.load(weights_only=True)
+        return {"mu": torch.from_numpy(self.mu), "sigma": self.sigma}
 
     def __call__(self, episode: dict) -> np.ndarray:
         r = self.raw(episode)
@@ -2941,6 +2971,8 @@ def data_key(args: Args, task: str | None = None) -> dict:
     every trained model's key. A suite's own settings (the DCS distractions) count only for its tasks:
     Meta-World ignores them, so a DCS run reuses the Meta-World demos and pretrained models."""
     key = {"image_size": args.image_size, "camera": args.camera, "episode_length": args.episode_length}
+    if args.zoom != 1 and task != "pretrain":  # only when set, so the unzoomed caches keep their keys;
+        key["zoom"] = args.zoom                 # pretraining always sees the full view (see finetune)
     if suite := task_suite(task or args.task):
         key |= suite.data_key(args)
     return key
