@@ -1034,6 +1034,9 @@ def test_one_term_modes_hold_exploring_back_then_pay_the_standardised_term(tmp_p
     explored = np.array([r["charts/term_std_return"] for r in explored])
     assert abs(explored.mean()) < 1e-3 * np.abs(explored).max()  # exploring averages 0 (to float32's precision)
     assert metrics["reward_seconds_by_part"]["scoring"] > 0 and metrics["reward_seconds_by_part"]["goal_video"] == 0
+    report = vdr.report(dataclasses.replace(args, report_states=1), tmp_path / "out")["report"]
+    assert set(report) == {"agent", "expert", "random"}  # each behaviour scored by the run's own term
+    assert all(np.isfinite(r["term_return"]) and "gen_return" not in r for r in report.values())
 
 
 def test_term_reward_standardises_on_the_steps_where_the_term_varies(tmp_path):

@@ -30,7 +30,7 @@ Where to start:
   - for an exercise, change one section of Part I, then let `eval-reward` (section 12) judge the reward on
     held-out episodes before any RL (tutorial.ipynb has four such exercises).
 
-Part I, the method (lines 133-3021)                                                              line lines
+Part I, the method (lines 133-3029)                                                              line lines
    1. Configuration    Args; presets `tiny` (2 CPU cores, minutes) and `paper` (one CUDA GPU)       139   214
    2. Environments     Meta-World v3: state for the agent, frames for the reward; expert demos      353   297
    3. Video diffusion  E1: 3D causal VAE, small CLIP, DiT, training, the paper path, goal videos    650   821
@@ -39,15 +39,15 @@ Part I, the method (lines 133-3021)                                             
    6. FB reward        E4-E5: forward-backward representation; r_fb = min_k F_k(s, a, z*)^T z*     1617   347
    7. Total reward     E6: the standardised sum of both; the peers' rewards (VLM-RM, VIPER, ...)   1964   306
    8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2270   213
-   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2483   431
-  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2914   108
-Part II, experiments and extensions (lines 3023-4193)
-  11. eval-video       how good are the goal videos? generated against real, with baselines        3029   100
-  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3129   347
-  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3476   143
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3619   182
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3801   315
-  16. Command line     one command per stage; every Args field is a flag                           4116    78
+   9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2483   439
+  10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2922   108
+Part II, experiments and extensions (lines 3031-4210)
+  11. eval-video       how good are the goal videos? generated against real, with baselines        3037   100
+  12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3137   347
+  13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3484   152
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3636   182
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3818   315
+  16. Command line     one command per stage; every Args field is a flag                           4133    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -2557,6 +2557,17 @@ class TermReward:
     def __call__(self, episode: dict) -> np.ndarray:
         r = self.raw(episode)
         return ((r - self.mu[:len(r)]) / self.sigma).astype(np.float32)
+
+
+def term_raw(args: Args, model, given: np.ndarray | None = None):
+    """The raw term of a one-term mode (clip-text or a peer; alone or +dense): episode -> (T,) float32."""
+    base = split_mode(args.reward)[0]
+    if base in PEER_MODES:
+        return PeerReward(args, model, base, goal=given).raw
+    prompts = clip_text_prompts(args)
+    return lambda ep: clip_text_reward(model.clip, model.tokenizer, ep["frames"], prompts)
+
+
 REWARD_COST_PARTS = ("render", "goal_video", "scoring", "fb_features", "fb_updates")
 
 
@@ -2578,11 +2589,8 @@ class EpisodeRewards:
         if self.needs_frames:
             self.model = load_video_model(args)  # cached; the toy model trains on first use (~11 min)
         self.given = load_goal_video(args) if args.goal_video else None  # --goal-video: one goal for all
-        if self.base in PEER_MODES:
-            self.raw = PeerReward(args, self.model, self.base, goal=self.given).raw
-        elif self.base == "clip-text":
-            prompts = clip_text_prompts(args)
-            self.raw = lambda ep: clip_text_reward(self.model.clip, self.model.tokenizer, ep["frames"], prompts)
+        if self.base in TERM_MODES and self.base != "gen":
+            self.raw = term_raw(args, self.model, self.given)
         if args.reward in GEN_MODES:
             self.fb_data, self.fb_parts = None, []  # --fb-online's replay: fb_transitions() dicts, joined when sampled
             self.fb_gen = torch.Generator().manual_seed(args.seed)
@@ -3527,7 +3535,8 @@ def report(args: Args, out: Path, tag: str = "") -> dict:
     states (the main job: one). From the first state: the agent's rollout GIF and, in the generative modes, the
     goal video generated from it, E3's goal frame, and each episode's r_video, r_fb and E6 over time against
     that goal. Per behaviour, averaged over the states: success, env return and, in the generative modes, E6's
-    return and each term's standardised return (before E6's weights). -> {"report": {behaviour: {...}}}.
+    return and each term's standardised return (before E6's weights); in the one-term modes (clip-text, the
+    peers), the term's raw return. -> {"report": {behaviour: {...}}}.
     `tag` goes into the name of the one figure that depends on the reward's settings."""
     with make_env(args) as env:
         obs_dim, act_dim = env.observation_space.shape[0], env.action_space.shape[0]
@@ -3566,6 +3575,12 @@ def report(args: Args, out: Path, tag: str = "") -> dict:
                 save_gif(np.repeat(np.repeat(goal.video, 2, axis=1), 2, axis=2), out / "goal_video.gif")
                 plot_goal_frames([goal], out / "goal_frame.png")
                 plot_reward_vs_time(curves, out / f"reward_vs_time{tag}.png", args.task)
+    elif needs_video_model(args.reward):  # one learned term: its raw return, which orders the episodes as
+        raw = term_raw(args, load_video_model(args),  # the standardised one does (the same mu(t), sigma for all)
+                       load_goal_video(args) if args.goal_video else None)
+        for row, episodes in zip(rows, states):
+            for name, ep in episodes.items():
+                row[name]["term_return"] = float(raw(ep).sum())
     return {"report": {name: {k: float(np.mean([row[name][k] for row in rows])) for k in rows[0][name]}
                        for name in rows[0]}}
 
@@ -3589,13 +3604,15 @@ def report_run(args: Args, out: Path | None = None) -> dict:
     result = report(run_args, out, tag)["report"]
     write_json(out / f"report{tag}.json", {"held_out_states": run_args.report_states,
                                            "fb_reward": run_args.fb_reward, "report": result})
-    columns = [k for k in ("success", "env_return", "r_video_std_return", "r_fb_std_return", "gen_return")
-               if k in result["agent"]]
+    columns = [k for k in ("success", "env_return", "r_video_std_return", "r_fb_std_return", "gen_return",
+                           "term_return") if k in result["agent"]]
     weights = " (alpha, beta = {:g}, {:g})".format(*e6_weights(run_args)) if "gen_return" in columns else ""
-    print(f"mean of {run_args.report_states} held-out initial state(s); r_video and r_fb standardised as E6 sees "
-          f"them, then weighted into E6{weights}\n"
+    what = (f"r_video and r_fb standardised as E6 sees them, then weighted into E6{weights}" if "gen_return" in columns
+            else f"term_return: the return of {split_mode(run_args.reward)[0]}'s raw term" if "term_return" in columns
+            else "the env's reward")
+    print(f"mean of {run_args.report_states} held-out initial state(s); {what}\n"
           "| episode | " + " | ".join(columns) + " |\n" + "|---" * (len(columns) + 1) + "|")
-    formats = {"success": "{:.2f}", "env_return": "{:.0f}"}  # the rewards' returns: signed, "{:+.0f}"
+    formats = {"success": "{:.2f}", "env_return": "{:.0f}", "term_return": "{:+.4g}"}  # E6's terms: "{:+.0f}"
     for name, values in result.items():
         print(f"| {name} | " + " | ".join(formats.get(k, "{:+.0f}").format(values[k]) for k in columns) + " |")
     return result
