@@ -1247,6 +1247,10 @@ def test_bench_runs_in_parallel_resumes_and_summarises(tmp_path, capsys):
     ratio = np.mean(rets["sparse"]) / np.mean(rets["dense"])  # the paper's metric: return, and its ratio to dense
     assert f"{np.mean(rets['sparse']):.1f} ± {np.std(rets['sparse']):.1f} ({ratio:.2f}x)" in summary
     assert (tmp_path / "bench" / "curves_reach-v3.png").stat().st_size > 1000
+    curves = (tmp_path / "bench" / "curves.csv").read_text().splitlines()  # 2 evaluations (60, 120) per run
+    assert curves[0] == "task,reward,seed,env_steps,eval/success,eval/return" and len(curves) == 1 + 4 * 2
+    assert {tuple(r.split(",")[:4]) for r in curves[1:]} == {
+        ("reach-v3", m, str(s), str(n)) for m in ("dense", "sparse") for s in (1, 2) for n in (60, 120)}
     assert vdr.main(argv) == 0 and "0 runs to do" in capsys.readouterr().out  # finished runs are skipped
 
 

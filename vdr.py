@@ -41,13 +41,13 @@ Part I, the method (lines 133-3029)                                             
    8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2270   213
    9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2483   439
   10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2922   108
-Part II, experiments and extensions (lines 3031-4210)
+Part II, experiments and extensions (lines 3031-4222)
   11. eval-video       how good are the goal videos? generated against real, with baselines        3037   100
   12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3137   347
   13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3484   152
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3636   182
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3818   315
-  16. Command line     one command per stage; every Args field is a flag                           4133    78
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3636   194
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3830   315
+  16. Command line     one command per stage; every Args field is a flag                           4145    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -3637,8 +3637,8 @@ def plot_reward_vs_time(curves: dict[str, dict[str, np.ndarray]], path: Path, ta
 # 14. The benchmark: tasks x reward modes x seeds, in parallel processes, resumable
 # =====================================================================================================
 # `bench` makes one `train` run per (task, reward mode, seed), each in a worker process with its share of
-# the cores, skips finished runs and resumes interrupted ones, then writes results.csv, summary.md and
-# one learning-curve figure per task. Each seed's video model is trained once, before the workers start.
+# the cores, skips finished runs and resumes interrupted ones, then writes results.csv, curves.csv,
+# summary.md and one learning-curve figure per task. Each seed's video model is trained once, before the workers start.
 def bench_seed_list(spec: str | int) -> list[int]:
     """--bench-seeds: '3' -> [1, 2, 3] (a count); '2,3' -> [2, 3] and '3,' -> [3] (the seeds themselves)."""
     try:
@@ -3704,7 +3704,8 @@ eval "${{RUNS[$SLURM_ARRAY_TASK_ID]}}"
 def bench(args: Args, out: Path | None = None) -> dict:
     """CLI `bench`: train every (task, reward mode, seed) of --bench-tasks x --bench-modes x --bench-seeds
     for --steps env steps. Finished runs are skipped and interrupted ones resume, so rerunning the command
-    continues the bench. Writes results.csv (a row per run), summary.md, and curves_<task>.png."""
+    continues the bench. Writes results.csv (a row per run), curves.csv (a row per evaluation), summary.md,
+    and curves_<task>.png."""
     import csv
     import multiprocessing
     from tqdm import tqdm
@@ -3749,6 +3750,17 @@ def bench(args: Args, out: Path | None = None) -> dict:
             writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
             writer.writeheader(); writer.writerows(rows)
     atomic_write(out / "results.csv", write_csv)
+    # Every evaluation of every run, a row each: the learning curves as data, small enough to keep beside the
+    # figures, so a band over seeds can be redrawn once the run folders (checkpoints, logs) are gone
+    curve_fields = ["task", "reward", "seed", "env_steps", "eval/success", "eval/return"]
+
+    def write_curves(tmp):
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=curve_fields, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows({"task": r["task"], "reward": r["reward"], "seed": r["seed"]} | c
+                             for r in rows for c in r["curve"])
+    atomic_write(out / "curves.csv", write_curves)
     lines = [f"# vdr bench: SAC, {args.steps} env steps, seeds {', '.join(map(str, seeds))}, evaluated at the end: "
              f"success rate (Meta-World) or the task's return (dm_control), mean ± std over seeds\n",
              "| task | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
