@@ -41,13 +41,13 @@ Part I, the method (lines 133-3029)                                             
    8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2270   213
    9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2483   439
   10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2922   108
-Part II, experiments and extensions (lines 3031-4222)
+Part II, experiments and extensions (lines 3031-4223)
   11. eval-video       how good are the goal videos? generated against real, with baselines        3037   100
   12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3137   347
   13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3484   152
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3636   194
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3830   315
-  16. Command line     one command per stage; every Args field is a flag                           4145    78
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3636   195
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3831   315
+  16. Command line     one command per stage; every Args field is a flag                           4146    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -3638,7 +3638,8 @@ def plot_reward_vs_time(curves: dict[str, dict[str, np.ndarray]], path: Path, ta
 # =====================================================================================================
 # `bench` makes one `train` run per (task, reward mode, seed), each in a worker process with its share of
 # the cores, skips finished runs and resumes interrupted ones, then writes results.csv, curves.csv,
-# summary.md and one learning-curve figure per task. Each seed's video model is trained once, before the workers start.
+# summary.md and one learning-curve figure per task. Each seed's video model is trained once, before the
+# workers start.
 def bench_seed_list(spec: str | int) -> list[int]:
     """--bench-seeds: '3' -> [1, 2, 3] (a count); '2,3' -> [2, 3] and '3,' -> [3] (the seeds themselves)."""
     try:
