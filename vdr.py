@@ -41,13 +41,13 @@ Part I, the method (lines 133-3029)                                             
    8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2270   213
    9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2483   439
   10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2922   108
-Part II, experiments and extensions (lines 3031-4223)
+Part II, experiments and extensions (lines 3031-4217)
   11. eval-video       how good are the goal videos? generated against real, with baselines        3037   100
   12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3137   347
   13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3484   152
-  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3636   195
-  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3831   315
-  16. Command line     one command per stage; every Args field is a flag                           4146    78
+  14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3636   189
+  15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3825   315
+  16. Command line     one command per stage; every Args field is a flag                           4140    78
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
@@ -3744,24 +3744,18 @@ def bench(args: Args, out: Path | None = None) -> dict:
                 parts = m.get("reward_seconds_by_part", {})  # absent in runs made before it was timed in parts
                 rows.append({k: m[k] for k in keys} | {f"{p}_seconds": parts.get(p, float("nan"))
                                                        for p in REWARD_COST_PARTS} | {"curve": m["curve"]})
-    fields = [k for k in rows[0] if k != "curve"]
 
-    def write_csv(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
-            writer.writeheader(); writer.writerows(rows)
-    atomic_write(out / "results.csv", write_csv)
+    def write_csv(path: Path, fields: list[str], table: list[dict]):
+        def write(tmp):
+            with open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+                writer.writeheader(); writer.writerows(table)
+        atomic_write(path, write)
+    write_csv(out / "results.csv", [k for k in rows[0] if k != "curve"], rows)
     # Every evaluation of every run, a row each: the learning curves as data, small enough to keep beside the
     # figures, so a band over seeds can be redrawn once the run folders (checkpoints, logs) are gone
-    curve_fields = ["task", "reward", "seed", "env_steps", "eval/success", "eval/return"]
-
-    def write_curves(tmp):
-        with open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=curve_fields, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows({"task": r["task"], "reward": r["reward"], "seed": r["seed"]} | c
-                             for r in rows for c in r["curve"])
-    atomic_write(out / "curves.csv", write_curves)
+    write_csv(out / "curves.csv", ["task", "reward", "seed", "env_steps", "eval/success", "eval/return"],
+              [{"task": r["task"], "reward": r["reward"], "seed": r["seed"]} | c for r in rows for c in r["curve"]])
     lines = [f"# vdr bench: SAC, {args.steps} env steps, seeds {', '.join(map(str, seeds))}, evaluated at the end: "
              f"success rate (Meta-World) or the task's return (dm_control), mean ± std over seeds\n",
              "| task | " + " | ".join(modes) + " |", "|---" * (len(modes) + 1) + "|"]
