@@ -725,10 +725,12 @@ def test_generative_reward_shapes_goal_match_and_standardisation(tmp_path, centr
     r = reward.reward(episode, goal)
     assert r.shape == (20,) and r.dtype == np.float32 and np.isfinite(r).all()
     # E6's scaling: on the exploratory episodes themselves, each standardised term has mean 0 at every step
-    # and spread 1
+    # and spread 1, to float32 rounding: the stats read CLIP and FB on all episodes in one batch, terms() on
+    # one episode, and a batch of another shape rounds differently on some CPUs (on a Xeon with AMX, shaping's
+    # last steps differ by 4e-3 sigma); a wrong mu(t) or sigma is off by O(1)
     for k in ("r_video", "r_fb"):
         z = np.stack([(reward.terms(ep, goal)[k] - goal.stats[k][0]) / goal.stats[k][1] for ep in explore])  # (N, T)
-        assert np.abs(z.mean(0)).max() < 1e-4 and z.std() == pytest.approx(1.0, abs=1e-3)
+        assert np.abs(z.mean(0)).max() < 1e-2 and z.std() == pytest.approx(1.0, abs=1e-2)
 
 
 def test_fb_cap_holds_r_fb_at_fs_highest_value_on_its_own_data(tmp_path):
