@@ -4204,8 +4204,10 @@ def main(argv: list[str] | None = None) -> int:
         parsed = {**RUN_BUDGET, **parsed}  # the main job's budget, under any flag given
     try:
         args = make_args(**parsed)
-        print(f"vdr {command}: preset={args.preset} task={args.task} seed={args.seed} device={args.device} "
-              f"torch={torch.__version__} threads={torch.get_num_threads()}")
+        # `report` takes its settings from the run's args.json and prints that run's task, reward and seed
+        setting = "" if command == "report" else f"preset={args.preset} task={args.task} seed={args.seed} "
+        print(f"vdr {command}: {setting}device={args.device} torch={torch.__version__} "
+              f"threads={torch.get_num_threads()}")
         COMMANDS[command][0](args, Path(args.out) if args.out else None)
     except VdrError as err:
         print(f"vdr: error: {err}", file=sys.stderr)
