@@ -41,13 +41,13 @@ Part I, the method (lines 133-3029)                                             
    8. SAC              compact soft actor-critic in CleanRL's conventions [4]                      2270   213
    9. Training loop    reward modes (gen, dense, sparse, the peers; alone or +dense), evaluation   2483   439
   10. Plumbing         seeding, atomic files, cache keys, the metrics logger                       2922   108
-Part II, experiments and extensions (lines 3031-4217)
+Part II, experiments and extensions (lines 3031-4219)
   11. eval-video       how good are the goal videos? generated against real, with baselines        3037   100
   12. eval-reward      how good are the rewards? every reward on held-out episodes, before RL      3137   347
   13. Main job, report `python vdr.py`, the whole method on one task; a run's agent vs the expert  3484   152
   14. Bench            tasks x reward modes x seeds in parallel processes, resumable               3636   189
   15. DCS              dm_control tasks [7] under the Distracting Control Suite's distraction [6]  3825   315
-  16. Command line     one command per stage; every Args field is a flag                           4140    78
+  16. Command line     one command per stage; every Args field is a flag                           4140    80
 
 Other references:
     [2] Yu et al. "Meta-World: A Benchmark and Evaluation for Multi-Task and Meta RL", CoRL 2019.
